@@ -1,0 +1,333 @@
+"""Typed configuration: YAML -> dataclasses, with `section.key=value` command-line overrides.
+
+Every user mistake (unknown key, wrong type, unknown mixer) is a ConfigError whose message is one
+line naming the key and what would be valid; launch/ prints it and exits non-zero.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+MIXERS = ("paragru", "paralstm", "deltaproduct", "attention")
+
+
+class ConfigError(ValueError):
+    """A configuration a user wrote that cannot be used; the message is one line."""
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class ParaRNNConfig:
+    expand: float = 1.0           # hidden channels = expand * d_model
+    num_heads: int = 4            # the input projection B is block-diagonal over heads
+    num_iters: int = 3            # Newton iterations (the paper converges in 3-4)
+    tol: Optional[float] = 1e-3   # residual above which more iterations run, then a warning
+    max_iters: int = 6            # cap on iterations when the residual is above tol
+
+
+@dataclass
+class DeltaProductConfig:
+    num_heads: int = 4
+    head_dim: int = 64
+    expand_v: float = 1.0
+    num_householder: int = 2      # n_h Householder factors per token
+    allow_neg_eigval: bool = True  # beta = 2*sigmoid (state tracking) instead of sigmoid
+    use_forget_gate: bool = True
+    use_short_conv: bool = True
+    conv_size: int = 4
+    chunk_size: int = 64
+
+
+@dataclass
+class AttentionConfig:
+    num_heads: int = 4
+    rope_theta: float = 10000.0
+    doc_mask: bool = True         # tokens attend only within their own document
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 1024
+    d_model: int = 256
+    n_layers: int = 4
+    # One mixer name per layer, or a single name for every layer.
+    mixers: list[Literal["paragru", "paralstm", "deltaproduct", "attention"]] = field(
+        default_factory=lambda: ["paragru", "deltaproduct", "attention", "paragru"])
+    mlp_ratio: float = 8 / 3      # SwiGLU hidden = mlp_ratio * d_model, rounded up to mlp_multiple
+    mlp_multiple: int = 64
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    reset_at_doc_start: bool = True  # recurrent state and conv windows restart at each document
+    paragru: ParaRNNConfig = field(default_factory=ParaRNNConfig)
+    paralstm: ParaRNNConfig = field(default_factory=ParaRNNConfig)
+    deltaproduct: DeltaProductConfig = field(default_factory=DeltaProductConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+
+    def layer_mixers(self) -> list[str]:
+        if len(self.mixers) == 1:
+            return list(self.mixers) * self.n_layers
+        return list(self.mixers)
+
+
+# ----------------------------------------------------------------------------- data / train
+
+
+@dataclass
+class DataConfig:
+    path: str = "runs/data/smoke"   # a directory written by `python -m launch.prepare_data`
+    seq_len: int = 256
+    seed: int = 1234
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    sp: int = 1
+    zero_stage: int = 1
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/smoke"
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 200
+    stop_at: int = 0              # stop (after saving) at this step though the schedule runs to max_steps
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = 0.2   # wsd: the final fraction of steps that decays
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1234
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    save_every: int = 100
+    keep_last: int = 3
+    resume: str = "auto"          # auto (newest complete checkpoint if any) | none | a checkpoint dir
+    peak_tflops: Optional[float] = None  # device peak for MFU; None = known GPUs only
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "recurrent-pretrain"
+    name: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, from_string: bool) -> Any:
+    """Check (and for command-line strings, parse) `value` as type `tp`."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: got {value!r}, expected {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (from_string and str(value).lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+            raise bad
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, from_string)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise bad
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if from_string and isinstance(value, str):
+            # `model.mixers=[paragru,attention]` or `model.mixers=paragru,attention`
+            text = value.strip()
+            if text.startswith("["):
+                text = text[1:-1] if text.endswith("]") else text[1:]
+            value = [v.strip() for v in text.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise bad
+        return [_convert(v, item_tp, f"{key}[{i}]", from_string) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_string and str(value).lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return str(value).lower() in ("true", "yes", "1", "on")
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if from_string:
+            try:
+                return int(str(value).replace("_", ""))
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if from_string:
+            return str(value)
+        raise bad
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # our bug, not the user's
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'; valid keys here: {', '.join(names)}")
+        kwargs[key] = _convert(value, hints[key], full, from_string=False)
+    return cls(**kwargs)
+
+
+def _set_override(cfg: Any, dotted: str, raw: str) -> None:
+    parts = dotted.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
+            where = ".".join(parts[:i]) or "the top level"
+            raise ConfigError(f"unknown config key '{dotted}'; valid keys under {where}: {', '.join(names)}")
+        if i == len(parts) - 1:
+            tp = typing.get_type_hints(type(obj))[part]
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"'{dotted}' is a section; set one of its keys, e.g. {dotted}.{dataclasses.fields(tp)[0].name}=...")
+            setattr(obj, part, _convert(raw, tp, dotted, from_string=True))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"'{'.'.join(parts[:i + 1])}' is a value, not a section; cannot set '{dotted}'")
+
+
+def validate(cfg: Config) -> Config:
+    m = cfg.model
+    mixers = m.layer_mixers()
+    if len(mixers) != m.n_layers:
+        raise ConfigError(f"model.mixers has {len(m.mixers)} entries but model.n_layers={m.n_layers}; "
+                          f"give one mixer per layer or a single mixer for all")
+    positive = {"model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
+                "data.seq_len": cfg.data.seq_len, "train.micro_batch_size": cfg.train.micro_batch_size,
+                "train.grad_accum": cfg.train.grad_accum, "train.max_steps": cfg.train.max_steps,
+                "parallel.tp": cfg.parallel.tp, "parallel.sp": cfg.parallel.sp,
+                "logging.log_every": cfg.logging.log_every}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be one of 0, 1, 2, 3, got {cfg.parallel.zero_stage}")
+    if cfg.train.stop_at < 0 or cfg.train.stop_at > cfg.train.max_steps:
+        raise ConfigError(f"train.stop_at must be in [0, train.max_steps={cfg.train.max_steps}], got {cfg.train.stop_at}")
+    for name in ("paragru", "paralstm"):
+        rnn = getattr(m, name)
+        hidden = int(rnn.expand * m.d_model)
+        if name in mixers and (hidden % rnn.num_heads or m.d_model % rnn.num_heads):
+            raise ConfigError(f"model.{name}.num_heads={rnn.num_heads} must divide d_model={m.d_model} "
+                              f"and the hidden size {hidden}")
+    if "attention" in mixers and m.d_model % m.attention.num_heads:
+        raise ConfigError(f"model.attention.num_heads={m.attention.num_heads} must divide d_model={m.d_model}")
+    if "deltaproduct" in mixers and m.deltaproduct.num_householder < 1:
+        raise ConfigError(f"model.deltaproduct.num_householder must be >= 1, got {m.deltaproduct.num_householder}")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or start from the defaults), apply `a.b=value` overrides, validate."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file, e.g. configs/smoke.yaml")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or "invalid YAML"
+            raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, train:, ...)")
+    cfg = _build(Config, values, "")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.max_steps=100")
+        key, raw = item.split("=", 1)
+        _set_override(cfg, key.strip(), raw.strip())
+    return validate(cfg)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(values: dict) -> ModelConfig:
+    return _build(ModelConfig, values, "model")
+
+
+def config_from_dict(values: dict) -> Config:
+    return validate(_build(Config, values, ""))

@@ -1,0 +1,106 @@
+"""Export a checkpoint to `model.safetensors` + `config.json` + `tokenizer.model`, and load it back.
+
+ZeRO partitions are consolidated into full fp32 weights with DeepSpeed's own zero_to_fp32
+reader; a checkpoint written without ZeRO holds the full weights in its model-states file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pretrain import checkpoint as ckpt_lib
+from pretrain.config import ConfigError, model_config_from_dict
+from pretrain.model import LanguageModel
+
+EXPORT_FORMAT = "recurrent-pretrain/1"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint dir (…/checkpoints/step_N), a checkpoints dir, or a run dir."""
+    path = Path(path)
+    if ckpt_lib.is_complete(path):
+        return path
+    for run_dir in (path, path.parent):
+        found = ckpt_lib.find_latest(run_dir)
+        if found is not None and path in (run_dir, run_dir / "checkpoints"):
+            return found
+    raise ConfigError(f"{path} is not a complete checkpoint (nor a run dir with one); "
+                      f"pass <run_dir> or <run_dir>/checkpoints/step_XXXXXXXX")
+
+
+def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of the model saved in `ckpt`, whatever the ZeRO stage."""
+    if list(ckpt.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    else:
+        state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32") -> Path:
+    if dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"export dtype must be fp32 or bf16, got {dtype!r}")
+    ckpt = resolve_checkpoint(checkpoint)
+    trainer_state = ckpt_lib.read_trainer_state(ckpt)
+    model_cfg = trainer_state["config"]["model"]
+    tokenizer = Path(trainer_state["config"]["data"]["path"]) / "tokenizer.model"
+    if not tokenizer.is_file():
+        raise ConfigError(f"the tokenizer {tokenizer} recorded by the checkpoint is missing; "
+                          f"the export needs it beside the weights")
+    if _sha256(tokenizer) != trainer_state["tokenizer_checksum"]:
+        raise ConfigError(f"{tokenizer} is not the tokenizer this checkpoint was trained with (checksum differs)")
+
+    state = consolidated_state_dict(ckpt)
+    if model_cfg["tie_embeddings"]:
+        state.pop("head.weight", None)  # one tensor stored once; reloading ties it again
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    state = {k: v.to(torch_dtype).contiguous() for k, v in state.items()}
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
+    shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+    meta = {"format": EXPORT_FORMAT, "model": model_cfg, "dtype": dtype, "step": trainer_state["step"],
+            "tokens": trainer_state["tokens"], "tokenizer_checksum": trainer_state["tokenizer_checksum"],
+            "source_checkpoint": str(ckpt)}
+    (tmp / "config.json").write_text(json.dumps(meta, indent=1))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def load_exported(export_dir: str | Path, device: str | torch.device = "cpu") -> tuple[LanguageModel, dict]:
+    """Rebuild the model from an export; returns (model in eval mode, config.json contents)."""
+    export_dir = Path(export_dir)
+    meta_path = export_dir / "config.json"
+    if not meta_path.is_file():
+        raise ConfigError(f"{export_dir} has no config.json; pass a directory written by `python -m launch.export`")
+    meta = json.loads(meta_path.read_text())
+    cfg = model_config_from_dict(meta["model"])
+    with torch.device("meta"):
+        model = LanguageModel(cfg)
+    model = model.to_empty(device=device)
+    state = load_file(str(export_dir / "model.safetensors"), device=str(device))
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    allowed_missing = {"head.weight"} if cfg.tie_embeddings else set()
+    if unexpected or set(missing) - allowed_missing:
+        raise ConfigError(f"{export_dir}/model.safetensors does not match its config.json "
+                          f"(missing {sorted(set(missing) - allowed_missing)}, unexpected {sorted(unexpected)})")
+    if cfg.tie_embeddings:
+        model.head.weight = model.embed.weight
+    return model.eval(), meta

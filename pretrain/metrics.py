@@ -1,0 +1,125 @@
+"""Training metrics: a JSONL file, wandb (offline unless asked), MFU, and a loss-curve plot."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak FLOP/s by device name (vendor data sheets, without sparsity).
+PEAK_BF16_FLOPS = {
+    "H200": 989.5e12,
+    "H100": 989.5e12,
+    "H800": 989.5e12,
+    "GH200": 989.5e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+}
+
+
+def device_peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """The device's bf16 peak in FLOP/s, or None when unknown (MFU is then not reported)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in PEAK_BF16_FLOPS.items():
+            if key in name:
+                return peak
+    return None
+
+
+class MetricsLogger:
+    """Rank 0 writes metrics.jsonl in the run dir and, unless disabled, a wandb run (offline by default)."""
+
+    def __init__(self, run_dir: Path, cfg_dict: dict, wandb_cfg, enabled: bool, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb = None
+        if not enabled:
+            return
+        if resume_step == 0 and self.path.exists():
+            self.path.unlink()  # a fresh run in a reused run dir starts a fresh log
+        elif resume_step > 0 and self.path.exists():
+            self._truncate_after(resume_step)  # drop lines of steps that the resume will redo
+        mode = os.environ.get("WANDB_MODE", wandb_cfg.mode)
+        if mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name, mode=mode,
+                                    dir=str(run_dir), config=cfg_dict, resume="allow",
+                                    id=self._wandb_id(run_dir))
+
+    @staticmethod
+    def _wandb_id(run_dir: Path) -> str:
+        id_file = Path(run_dir) / "wandb_id.txt"
+        if not id_file.exists():
+            import uuid
+
+            id_file.write_text(uuid.uuid4().hex[:12])
+        return id_file.read_text().strip()
+
+    def _truncate_after(self, step: int) -> None:
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_svg(records: list[dict], out: str | Path, title: str = "training loss") -> Path | None:
+    """Write the loss curve as a standalone SVG (no plotting library needed)."""
+    points = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    if len(points) < 2:
+        return None
+    W, H, pad = 640, 360, 48
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    if y1 == y0:
+        y1 = y0 + 1.0
+
+    def sx(x):
+        return pad + (x - x0) / max(x1 - x0, 1) * (W - 2 * pad)
+
+    def sy(y):
+        return H - pad - (y - y0) / (y1 - y0) * (H - 2 * pad)
+
+    path = " ".join(f"{'M' if i == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for i, (x, y) in enumerate(points))
+    ticks = []
+    for i in range(5):
+        y = y0 + (y1 - y0) * i / 4
+        ticks.append(f'<text x="{pad - 6}" y="{sy(y) + 4:.1f}" text-anchor="end" font-size="11">{y:.2f}</text>'
+                     f'<line x1="{pad}" x2="{W - pad}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#ddd"/>')
+    for i in range(5):
+        x = x0 + (x1 - x0) * i / 4
+        ticks.append(f'<text x="{sx(x):.1f}" y="{H - pad + 16}" text-anchor="middle" font-size="11">{x:.0f}</text>')
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif">'
+           f'<rect width="100%" height="100%" fill="white"/>{"".join(ticks)}'
+           f'<path d="{path}" fill="none" stroke="#1f77b4" stroke-width="1.8"/>'
+           f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>'
+           f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle" font-size="12">step</text></svg>')
+    out = Path(out)
+    out.write_text(svg)
+    return out

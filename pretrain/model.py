@@ -1,0 +1,131 @@
+"""The language model: embedding -> blocks -> norm -> head.
+
+A block is  x + mixer(norm(x))  then  x + mlp(norm(x)),  where the mixer of each layer is one of
+paragru | paralstm | deltaproduct | attention (pretrain/mixers.py). This file is single-device
+code; parallel/ applies tensor and sequence parallelism to it from the outside.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.config import ModelConfig
+from pretrain.mixers import MIXER_CLASSES, RMSNorm
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, hidden, bias=False)
+        self.w_up = nn.Linear(d_model, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, mixer: str, layer_idx: int):
+        super().__init__()
+        self.mixer_name = mixer
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = MIXER_CLASSES[mixer](cfg, layer_idx)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        hidden = cfg.mlp_multiple * math.ceil(cfg.mlp_ratio * cfg.d_model / cfg.mlp_multiple)
+        self.mlp = SwiGLU(cfg.d_model, hidden)
+
+    def forward(self, x, doc_start=None):
+        x = x + self.mixer(self.norm1(x), doc_start)
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, m, i) for i, m in enumerate(cfg.layer_mixers()))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * layers).
+        for name, p in self.named_parameters():
+            if name.endswith(("out_proj.weight", "w_down.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if hasattr(module, "reset_mixer_parameters"):
+            module.reset_mixer_parameters()
+
+    def forward(self, input_ids, labels=None, doc_start=None):
+        """Logits [B, T, vocab]; with labels, the mean cross-entropy over all positions instead.
+
+        doc_start[b, t] = True where a document begins at t: recurrent state, conv windows and
+        (optionally) attention restart there, so packed documents never see each other.
+        """
+        if not self.cfg.reset_at_doc_start:
+            doc_start = None
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, doc_start)
+        logits = self.head(self.norm(x))
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+    def solver_residuals(self) -> dict[str, float]:
+        """The last Newton residual of each ParaRNN layer (for the training log)."""
+        out = {}
+        for i, block in enumerate(self.blocks):
+            residual = getattr(block.mixer, "last_residual", None)
+            if residual is not None:
+                out[f"layer{i}.{block.mixer_name}"] = float(residual)
+        return out
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding:
+            n -= self.embed.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per matmul weight (fwd + bwd) plus attention's scores.
+
+        A first estimate: it leaves out the recurrences' own element-wise work (Newton steps,
+        scans, the chunkwise DeltaProduct), which are small next to the projections at scale.
+        """
+        matmul_params = self.num_params(exclude_embedding=True)
+        if self.cfg.tie_embeddings:
+            matmul_params += self.embed.weight.numel()  # the head is a matmul even when tied
+        flops = 6.0 * matmul_params
+        n_attn = sum(1 for m in self.cfg.layer_mixers() if m == "attention")
+        flops += n_attn * 6.0 * seq_len * self.cfg.d_model  # QK^T and AV, causal half, fwd + bwd
+        return flops
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.8, top_k: int = 40,
+                 generator: torch.Generator | None = None, eos_id: int | None = None):
+        """Sample a continuation by re-running the whole prefix each step (short samples only)."""
+        for _ in range(max_new_tokens):
+            logits = self(input_ids)[:, -1, :].float() / max(temperature, 1e-5)
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)
+            input_ids = torch.cat([input_ids, nxt], dim=1)
+            if eos_id is not None and bool((nxt == eos_id).all()):
+                break
+        return input_ids

@@ -1,0 +1,300 @@
+"""The training loop: DeepSpeed engine (also on one device), AdamW, warmup + cosine/WSD, clipping,
+accumulation, checkpoints with exact resume, progress bar / JSONL / wandb logging.
+
+One visible loop in `train()`; everything it calls is a plain function above it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from data.loader import TokenLoader
+from pretrain import checkpoint as ckpt_lib
+from pretrain.config import Config, ConfigError, to_dict
+from pretrain.metrics import MetricsLogger, device_peak_flops, plot_loss_svg, read_metrics
+from pretrain.model import LanguageModel
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint saved, run me again"
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dtype = cfg.train.dtype
+    if dtype == "auto":
+        dtype = "bf16" if use_cuda else "fp32"
+    if dtype == "bf16" and not use_cuda:
+        raise ConfigError("train.dtype=bf16 needs a GPU here; on CPU use train.dtype=fp32 (or auto)")
+    return device, torch.bfloat16 if dtype == "bf16" else torch.float32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join (or, under plain python, create) the process group DeepSpeed will use."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python -m launch.train`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   verbose=False)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on norms, biases, or the diagonal recurrent vectors."""
+    decay, no_decay = [], []
+    seen = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 and p.shape[0] > 3 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_multiplier(step: int, t) -> float:
+    """Linear warmup, then cosine to min_lr_ratio, WSD (stable then linear decay), or constant."""
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return 1.0
+    if t.schedule == "wsd":
+        decay_start = int(t.max_steps * (1 - t.decay_fraction))
+        if step < decay_start:
+            return 1.0
+        frac = (step - decay_start) / max(1, t.max_steps - decay_start)
+        return 1.0 - (1.0 - t.min_lr_ratio) * min(frac, 1.0)
+    frac = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 (Slurm's warning before the end) -> save at the end of this step and exit."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def any_rank(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.raised else 0.0], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def check_resume_compatible(cfg: Config, state: dict, tokenizer_checksum: str) -> None:
+    old = state["config"]["model"]
+    new = to_dict(cfg.model)
+    diffs = [f"model.{k}: checkpoint {old.get(k)!r} vs config {new[k]!r}" for k in new if old.get(k) != new[k]]
+    if diffs:
+        raise ConfigError("cannot resume: the model config differs from the checkpoint's (" + "; ".join(diffs) + ")")
+    if state.get("tokenizer_checksum") != tokenizer_checksum:
+        raise ConfigError("cannot resume: the data's tokenizer differs from the checkpoint's "
+                          f"({state.get('tokenizer_checksum', '?')[:12]} vs {tokenizer_checksum[:12]})")
+    if state.get("world_size") != (dist.get_world_size() if dist.is_initialized() else 1):
+        raise ConfigError(f"cannot resume: the checkpoint was written by {state.get('world_size')} ranks, "
+                          f"this run has {dist.get_world_size()}; resuming at another size is not supported yet")
+
+
+def _quiet_deepspeed():
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) the job described by cfg; returns a summary dict."""
+    import deepspeed
+    from tqdm import tqdm
+
+    _quiet_deepspeed()
+    device, dtype = resolve_device(cfg)
+    t = cfg.train
+    if cfg.parallel.tp != 1 or cfg.parallel.sp != 1:
+        raise ConfigError("parallel.tp and parallel.sp > 1 are not available yet; use parallel.tp=1 parallel.sp=1 "
+                          "(data parallelism over all ranks)")
+
+    # Data first: a missing or mismatched dataset fails before anything is written.
+    init_distributed(device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        loader = TokenLoader(cfg.data.path, seq_len=cfg.data.seq_len, batch_size=t.micro_batch_size,
+                             dp_rank=rank, dp_size=world, seed=cfg.data.seed)
+    except ValueError as exc:  # too few shards for the ranks, too little data for a batch, ...
+        raise ConfigError(f"data.path={cfg.data.path}: {exc}") from None
+    if cfg.model.vocab_size < loader.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({loader.vocab_size}) in {cfg.data.path}; set model.vocab_size>={loader.vocab_size}")
+
+    run_dir = Path(t.run_dir)
+    resume_from = None
+    if t.resume == "auto":
+        resume_from = ckpt_lib.find_latest(run_dir)
+    elif t.resume != "none":
+        resume_from = Path(t.resume)
+        if not ckpt_lib.is_complete(resume_from):
+            raise ConfigError(f"train.resume={t.resume} is not a complete checkpoint directory "
+                              f"(expected <run_dir>/checkpoints/step_XXXXXXXX with a manifest.json)")
+    if resume_from is not None:
+        check_resume_compatible(cfg, ckpt_lib.read_trainer_state(resume_from), loader.tokenizer_checksum)
+
+    torch.manual_seed(t.seed)
+    model = LanguageModel(cfg.model)
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                                  eps=1e-8, fused=False, foreach=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, t))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=deepspeed_config(cfg, dtype))
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    step, tokens_seen, skipped = 0, 0, 0
+    if resume_from is not None:
+        trainer_state, rank_state = ckpt_lib.load_checkpoint(engine, resume_from)
+        step, tokens_seen, skipped = trainer_state["step"], trainer_state["tokens"], trainer_state["skipped_steps"]
+        try:
+            loader.load_state_dict(rank_state["loader"])
+        except ValueError as exc:
+            raise ConfigError(f"cannot resume from {resume_from}: {exc}") from None
+        ckpt_lib.set_rng_state(rank_state["rng"])
+    # The seed (and RNG restore on resume) come before anything random on the training path.
+
+    tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum * world
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    peak = device_peak_flops(device, t.peak_tflops)
+    end_step = t.stop_at or t.max_steps
+    metrics = MetricsLogger(run_dir, to_dict(cfg), cfg.logging.wandb, enabled=rank == 0, resume_step=step)
+    preempt = PreemptionFlag()
+    if rank == 0:
+        n = model.num_params()
+        print(f"model: {n / 1e6:.2f}M parameters, mixers {cfg.model.layer_mixers()}; device {device}, "
+              f"{str(dtype).replace('torch.', '')}, world {world}, ZeRO-{cfg.parallel.zero_stage}; "
+              + (f"resuming from {resume_from} at step {step}" if resume_from else "starting at step 0"), flush=True)
+
+    def save(at_step: int) -> Path:
+        trainer_state = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
+                         "config": to_dict(cfg), "tokenizer_checksum": loader.tokenizer_checksum,
+                         "world_size": world, "topology": {"dp": world, "tp": 1, "sp": 1}}
+        rank_state = {"rng": ckpt_lib.rng_state(), "loader": loader.state_dict()}
+        return ckpt_lib.save_checkpoint(engine, run_dir, at_step, trainer_state, rank_state, t.keep_last)
+
+    pbar = tqdm(total=end_step, initial=step, unit="step", dynamic_ncols=True, smoothing=0.1,
+                disable=not (rank == 0 and cfg.logging.progress))
+    first_loss = last_loss = None
+    window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
+    run_t0, run_tokens = time.perf_counter(), 0
+    last_ckpt = resume_from
+    exit_code = 0
+    engine.train()
+    while step < end_step:
+        step_loss = torch.zeros((), device=device)
+        for _ in range(t.grad_accum):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
+            loss = engine(batch["input_ids"], labels=batch["labels"], doc_start=batch["doc_start"])
+            finite = torch.isfinite(loss.detach()).float()
+            if world > 1:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() == 1.0:
+                engine.backward(loss)
+                step_loss += loss.detach() / t.grad_accum
+            else:  # a non-finite micro-batch is not backpropagated anywhere; counted and logged
+                skipped += 1
+            engine.step()
+        step += 1
+        tokens_seen += tokens_per_step
+        run_tokens += tokens_per_step
+        loss_value = step_loss.item()
+        first_loss = loss_value if first_loss is None else first_loss
+        last_loss = loss_value
+        window_loss += loss_value
+        window_steps += 1
+        pbar.update(1)
+
+        if step == 1 or step % cfg.logging.log_every == 0 or step == end_step:
+            elapsed = time.perf_counter() - window_t0
+            tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
+            mfu = tok_s * flops_per_token / (peak * world) if peak else None
+            residuals = engine.module.solver_residuals()
+            record = {"step": step, "loss": window_loss / window_steps, "lr": scheduler.get_last_lr()[0],
+                      "tokens": tokens_seen, "tokens_per_s": tok_s, "skipped": skipped,
+                      "grad_norm": float(engine.get_global_grad_norm() or 0.0)}
+            if mfu is not None:
+                record["mfu"] = mfu
+            if residuals:
+                record["newton_residual_max"] = max(residuals.values())
+                record.update({f"newton_residual/{k}": v for k, v in residuals.items()})
+            metrics.log(record)
+            pbar.set_postfix_str(f"loss {record['loss']:.3f} | {tok_s:,.0f} tok/s"
+                                 + (f" | MFU {mfu:.1%}" if mfu is not None else " | MFU n/a (CPU)")
+                                 + (f" | skipped {skipped}" if skipped else ""), refresh=False)
+            window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
+
+        preempted = preempt.any_rank(device)
+        if step % t.save_every == 0 or step == end_step or preempted:
+            last_ckpt = save(step)
+            if rank == 0:
+                pbar.write(f"saved checkpoint {last_ckpt}")
+        if preempted:
+            if rank == 0:
+                pbar.write(f"preempted: checkpoint saved at step {step}; exiting with {REQUEUE_EXIT_CODE} to be requeued")
+            exit_code = REQUEUE_EXIT_CODE
+            break
+    pbar.close()
+
+    wall = time.perf_counter() - run_t0
+    summary = {"run_dir": str(run_dir), "step": step, "first_loss": first_loss, "last_loss": last_loss,
+               "tokens_per_s": run_tokens / max(wall, 1e-9), "checkpoint": str(last_ckpt) if last_ckpt else None,
+               "skipped_steps": skipped, "exit_code": exit_code}
+    if rank == 0:
+        plot = plot_loss_svg(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.svg")
+        summary["loss_plot"] = str(plot) if plot else None
+    metrics.close()
+    return summary
