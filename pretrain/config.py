@@ -118,6 +118,7 @@ class TrainConfig:
     keep_last: int = 3
     resume: str = "auto"          # auto (newest complete checkpoint if any) | none | a checkpoint dir
     peak_tflops: Optional[float] = None  # device peak for MFU; None = known GPUs only
+    activation_checkpointing: bool = False  # recompute each block in backward (less memory)
 
 
 @dataclass

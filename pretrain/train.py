@@ -22,6 +22,7 @@ from pretrain import checkpoint as ckpt_lib
 from pretrain.config import Config, ConfigError, to_dict
 from pretrain.metrics import MetricsLogger, device_peak_flops, plot_loss_svg, read_metrics
 from pretrain.model import LanguageModel
+from pretrain.parallelize import apply_activation_checkpointing
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint saved, run me again"
 
@@ -187,6 +188,8 @@ def train(cfg: Config) -> dict:
 
     torch.manual_seed(t.seed)
     model = LanguageModel(cfg.model)
+    if t.activation_checkpointing:
+        apply_activation_checkpointing(model)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                                   eps=1e-8, fused=False, foreach=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, t))

@@ -101,3 +101,26 @@ def test_untied_head():
     cfg = tiny_cfg(["attention"], **{"model.tie_embeddings": "false"})
     model = LanguageModel(cfg)
     assert model.head.weight is not model.embed.weight
+
+
+def test_activation_checkpointing_keeps_names_loss_and_gradients():
+    from pretrain.parallelize import apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(["paragru", "deltaproduct", "attention"])
+    ref = LanguageModel(cfg).double()
+    ckpt = LanguageModel(cfg).double()
+    ckpt.load_state_dict(ref.state_dict())
+    apply_activation_checkpointing(ckpt)
+    assert list(ckpt.state_dict()) == list(ref.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 19))
+    doc_start = torch.zeros(2, 19, dtype=torch.bool)
+    doc_start[0, 7] = True
+    losses = []
+    for model in (ref, ckpt):
+        loss = model(ids, labels=ids.roll(-1, 1), doc_start=doc_start)
+        loss.backward()
+        losses.append(loss)
+    assert torch.allclose(losses[0], losses[1], rtol=1e-12, atol=0)
+    for (name, p), q in zip(ref.named_parameters(), ckpt.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12), name
