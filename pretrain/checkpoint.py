@@ -100,28 +100,42 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def is_complete(ckpt: Path) -> bool:
+def damage(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be loaded (missing manifest, a missing or truncated file), or None if intact."""
     manifest = ckpt / "manifest.json"
     if not manifest.is_file():
-        return False
+        return "no manifest.json (the save did not finish)"
     try:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError):
-        return False
-    return all((ckpt / name).is_file() and (ckpt / name).stat().st_size == size for name, size in files.items())
+        return "manifest.json is unreadable"
+    for name, size in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
+    return None
 
 
-def find_latest(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint: the `latest` pointer if it is intact, else the newest complete one."""
+def is_complete(ckpt: Path) -> bool:
+    return Path(ckpt).is_dir() and damage(Path(ckpt)) is None
+
+
+def find_latest(run_dir: str | Path, report=None) -> Path | None:
+    """The newest intact checkpoint. A damaged newer one is reported (report(msg)) and skipped."""
     root = Path(run_dir) / "checkpoints"
+    candidates = sorted(root.glob("step_*"), reverse=True)
     pointer = root / "latest"
     if pointer.is_file():
-        ckpt = root / pointer.read_text().strip()
-        if is_complete(ckpt):
+        named = root / pointer.read_text().strip()
+        candidates = [named] + [c for c in candidates if c != named]
+    for ckpt in candidates:
+        why = damage(ckpt) if ckpt.is_dir() else "it does not exist"
+        if why is None:
             return ckpt
-    for ckpt in sorted(root.glob("step_*"), reverse=True):
-        if is_complete(ckpt):
-            return ckpt
+        if report is not None:
+            report(f"skipping checkpoint {ckpt}: {why}")
     return None
 
 

@@ -177,12 +177,13 @@ def train(cfg: Config) -> dict:
     run_dir = Path(t.run_dir)
     resume_from = None
     if t.resume == "auto":
-        resume_from = ckpt_lib.find_latest(run_dir)
+        resume_from = ckpt_lib.find_latest(run_dir, report=lambda msg: print(msg, flush=True) if rank == 0 else None)
     elif t.resume != "none":
         resume_from = Path(t.resume)
-        if not ckpt_lib.is_complete(resume_from):
-            raise ConfigError(f"train.resume={t.resume} is not a complete checkpoint directory "
-                              f"(expected <run_dir>/checkpoints/step_XXXXXXXX with a manifest.json)")
+        why = ckpt_lib.damage(resume_from) if resume_from.is_dir() else "it does not exist"
+        if why is not None:
+            raise ConfigError(f"train.resume={t.resume} is not a loadable checkpoint ({why}); pass "
+                              f"<run_dir>/checkpoints/step_XXXXXXXX, train.resume=auto or train.resume=none")
     if resume_from is not None:
         check_resume_compatible(cfg, ckpt_lib.read_trainer_state(resume_from), loader.tokenizer_checksum)
 

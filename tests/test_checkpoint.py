@@ -1,0 +1,114 @@
+"""Checkpoint robustness: a crash mid-save, a truncated shard, pruning, preemption by SIGTERM."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain import checkpoint as ckpt_lib
+from pretrain.config import load_config
+from pretrain.model import LanguageModel
+from pretrain.train import deepspeed_config, init_distributed
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    import deepspeed
+
+    init_distributed(torch.device("cpu"))
+    cfg = load_config(None, ["model.vocab_size=64", "model.d_model=16", "model.n_layers=1",
+                             "model.mixers=[attention]", "model.attention.num_heads=2"])
+    model = LanguageModel(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    eng, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, torch.float32))
+    return eng
+
+
+def save(engine, run_dir, step, keep_last=5):
+    return ckpt_lib.save_checkpoint(engine, run_dir, step, {"step": step}, {"rng": ckpt_lib.rng_state()}, keep_last)
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint_and_pointer(engine, tmp_path, monkeypatch):
+    save(engine, tmp_path, 1)
+    real_replace = os.replace
+
+    def crash_on_rename(src, dst):
+        if Path(src).parent.name == ckpt_lib.TMP:
+            raise OSError("simulated crash while publishing the checkpoint")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt_lib.os, "replace", crash_on_rename)
+    with pytest.raises(OSError, match="simulated crash"):
+        save(engine, tmp_path, 2)
+    monkeypatch.setattr(ckpt_lib.os, "replace", real_replace)
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step_00000001"
+    assert ckpt_lib.find_latest(tmp_path) == root / "step_00000001"
+    assert not (root / "step_00000002").exists()
+    # The next save clears the half-written leftover and succeeds.
+    assert save(engine, tmp_path, 2) == root / "step_00000002"
+    assert not (root / ckpt_lib.TMP / "step_00000002").exists()
+    assert ckpt_lib.find_latest(tmp_path) == root / "step_00000002"
+
+
+def test_a_truncated_shard_is_detected_and_the_previous_checkpoint_used(engine, tmp_path):
+    save(engine, tmp_path, 1)
+    newest = save(engine, tmp_path, 2)
+    shard = newest / "mp_rank_00_model_states.pt"
+    size = shard.stat().st_size
+    with shard.open("r+b") as f:
+        f.truncate(size // 2)
+    reports = []
+    assert ckpt_lib.find_latest(tmp_path, report=reports.append) == tmp_path / "checkpoints" / "step_00000001"
+    assert reports == [f"skipping checkpoint {newest}: mp_rank_00_model_states.pt has {size // 2} bytes, "
+                       f"the manifest says {size}"]
+
+
+def test_keep_last_prunes_old_checkpoints(engine, tmp_path):
+    for step in (1, 2, 3, 4):
+        save(engine, tmp_path, step, keep_last=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000004"]
+
+
+def test_rng_state_round_trips():
+    state = ckpt_lib.rng_state()
+    a = (torch.rand(3), __import__("numpy").random.rand(2).tolist(), __import__("random").random())
+    ckpt_lib.set_rng_state(state)
+    b = (torch.rand(3), __import__("numpy").random.rand(2).tolist(), __import__("random").random())
+    assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_with_the_requeue_code(tmp_path):
+    data = tmp_path / "data"
+    env = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "launch.prepare_data", "--out", str(data), "--vocab-size", "512",
+                    "--max-bytes", "200000", "--shard-tokens", "16384", "--no-progress"],
+                   cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "launch.train", "model.vocab_size=512", "model.d_model=32",
+                             "model.mixers=[attention]", "model.n_layers=1", "model.attention.num_heads=2",
+                             "data.seq_len=32", "train.micro_batch_size=2", "train.max_steps=100000",
+                             "train.save_every=100000", "logging.log_every=1", "logging.progress=false",
+                             f"data.path={data}", f"train.run_dir={run_dir}"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 75, out[-2000:]
+    ckpt = ckpt_lib.find_latest(run_dir)
+    assert ckpt is not None
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert state["step"] == last_logged >= 3
+    assert "preempted: checkpoint saved" in out
