@@ -212,16 +212,46 @@ def deltaproduct_chunkwise(
     return o.transpose(1, 2).to(q.dtype), S
 
 
-def deltaproduct(q, k, v, beta, g=None, scale=None, initial_state=None, reset=None, chunk_size=64):
+def deltaproduct(q, k, v, beta, g=None, scale=None, initial_state=None, reset=None, chunk_size=64,
+                 backend="auto"):
     """Gated DeltaProduct, backend chosen per call.
 
-    For now every device runs the torch chunkwise form (deltaproduct_chunkwise) with autograd
-    gradients; a Triton forward/backward for CUDA tensors will be dispatched from here later.
+    backend="auto": the Triton kernels (kernels/deltaproduct_triton.py) when q is a CUDA tensor
+    of dtype fp32/bf16/fp16, triton imports, and the shapes suit the kernels (chunk_size a power
+    of two >= 16, dk and dv >= 16); otherwise the torch chunkwise form
+    (deltaproduct_chunkwise, autograd gradients), which also serves fp64. backend="triton"
+    forces the kernels (tests run them on CPU tensors under TRITON_INTERPRET=1);
+    backend="torch" forces the chunkwise form. Both return (o, final_state fp32).
     """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    _check_chunk_size(chunk_size)
+    if backend == "auto":
+        use_triton = (q.is_cuda and q.dtype != torch.float64 and chunk_size >= 16
+                      and chunk_size & (chunk_size - 1) == 0 and min(k.shape[-1], v.shape[-1]) >= 16
+                      and _triton_available())
+    else:
+        use_triton = backend == "triton"
+    if use_triton:
+        _check_shapes(q, k, v, beta, g, initial_state, reset)
+        if k.shape[1] > 0:
+            from kernels.deltaproduct_triton import deltaproduct_triton
+
+            return deltaproduct_triton(q, k, v, beta, g=g, scale=scale,
+                                       initial_state=initial_state, reset=reset,
+                                       chunk_size=chunk_size)
     return deltaproduct_chunkwise(
         q, k, v, beta, g=g, scale=scale, initial_state=initial_state, reset=reset,
         chunk_size=chunk_size,
     )
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install on a machine without a GPU driver
+        return False
+    return True
 
 
 def deltaproduct_summary(k, v, beta, g=None, reset=None, chunk_size=64):
