@@ -5,6 +5,7 @@ One visible loop in `train()`; everything it calls is a plain function above it.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from pretrain.model import LanguageModel
 from pretrain.parallelize import apply_activation_checkpointing
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint saved, run me again"
+PREEMPTED_MARKER = "preempted.json"  # written beside the checkpoints on a preemption exit
 
 
 # ----------------------------------------------------------------------------- setup
@@ -198,6 +200,7 @@ def train(cfg: Config) -> dict:
                                                            config=deepspeed_config(cfg, dtype))
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     step, tokens_seen, skipped = 0, 0, 0
@@ -288,6 +291,8 @@ def train(cfg: Config) -> dict:
                 pbar.write(f"saved checkpoint {last_ckpt}")
         if preempted:
             if rank == 0:
+                # The marker survives launchers (torchrun) that do not pass exit codes through.
+                (run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "checkpoint": str(last_ckpt)}))
                 pbar.write(f"preempted: checkpoint saved at step {step}; exiting with {REQUEUE_EXIT_CODE} to be requeued")
             exit_code = REQUEUE_EXIT_CODE
             break
