@@ -14,6 +14,16 @@ of f at the solution, (df/du_t)^T lambda_t etc., gives the gradients of u, the w
 Cells are channel-local (diagonal recurrent weights), so Jacobians are diagonal (GRU, state [.., D])
 or 2x2 blocks per channel (LSTM, state [.., D, 2] = (c, h)). This is the torch reference; state and
 accumulation are fp32 (fp64 when the input is fp64).
+
+Sequence parallelism (a piece of the sequence per process) needs two things besides a linear
+solve that crosses pieces: the residual at the piece's first position uses the previous piece's
+last state, and the adjoint at its last position uses the next piece's first Jacobian. Both come
+through `boundary`, an object with three plain methods (parallel/sequence_parallel.py provides
+one; nothing here knows about processes):
+    from_prev(x)  x [B,1,...] of the previous piece, or None on the first piece
+    from_next(x)  x [B,1,...] of the next piece, or None on the last piece
+    max(x)        the maximum of a 0-dim tensor over all pieces (the residual, so all pieces
+                  agree on when tol is met)
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import warnings
 
 import torch
 
-from kernels.scan import linear_scan
+from kernels.scan import linear_scan, use_triton
 
 # ---------------------------------------------------------------------------------------------
 # Cells. step() and jacobian() take h_prev [B,T,*state] (or any leading dims) and u [B,T,3,D].
@@ -132,6 +142,15 @@ def _transpose(J, block):
     return J.transpose(-1, -2) if block else J
 
 
+def _state_before(h, h0, boundary):
+    """The state before the piece's first step: the previous piece's last state under sequence
+    parallelism, else h0 (None = zero)."""
+    if boundary is None:
+        return h0
+    prev = boundary.from_prev(h[:, -1:])
+    return h0 if prev is None else prev[:, 0]
+
+
 class _NewtonSolve(torch.autograd.Function):
     """states = solution of h_t = cell.step(h_{t-1}, u_t, params); also returns the final residual.
 
@@ -140,16 +159,20 @@ class _NewtonSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cell, opts, u, h0, reset, *params):
-        num_iters, tol, max_iters, damping, linear_solve = opts
-        # h^0_t = f(0, u_t), except that t=0 sees h0 (unless it is a reset).
+        num_iters, tol, max_iters, damping, linear_solve, boundary = opts
+        # h^0_t = f(0, u_t), except that t=0 sees h0 (unless it is a reset). Under sequence
+        # parallelism a later piece's first step also starts from 0, as it would in one piece.
         zeros = u.new_zeros(u.shape[:2] + u.shape[3:] + cell.state_suffix)
         h = cell.step(_shift(zeros, h0, reset), u, params)
         budget = num_iters if tol is None else max_iters
         iters = 0
         while True:
-            h_prev = _shift(h, h0, reset)
+            start = _state_before(h, h0, boundary)
+            h_prev = _shift(h, start, reset)
             r = h - cell.step(h_prev, u, params)  # r_t = F_t(h)
             residual = r.abs().max()
+            if boundary is not None:
+                residual = boundary.max(residual)
             if iters >= budget or (tol is not None and residual.item() <= tol):
                 break
             J = cell.jacobian(h_prev, u, params)
@@ -158,9 +181,10 @@ class _NewtonSolve(torch.autograd.Function):
                 d = d.clamp(-damping, damping)  # trust region: a huge step means f is far from linear
             h = h + d
             iters += 1
-        ctx.cell, ctx.linear_solve = cell, linear_solve
-        ctx.has_h0 = h0 is not None
-        ctx.save_for_backward(h, u, h0 if h0 is not None else h.new_empty(0),
+        ctx.cell, ctx.linear_solve, ctx.boundary = cell, linear_solve, boundary
+        ctx.has_start = start is not None
+        ctx.start_is_h0 = start is h0 and h0 is not None
+        ctx.save_for_backward(h, u, start if start is not None else h.new_empty(0),
                               reset if reset is not None else h.new_empty(0, dtype=torch.bool), *params)
         ctx.mark_non_differentiable(residual)
         return h, residual
@@ -168,35 +192,46 @@ class _NewtonSolve(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_h, _grad_residual):
-        h, u, h0, reset, *params = ctx.saved_tensors
-        h0 = h0 if ctx.has_h0 else None
+        h, u, start, reset, *params = ctx.saved_tensors
+        start = start if ctx.has_start else None
         reset = reset if reset.numel() else None
         cell = ctx.cell
-        h_prev = _shift(h, h0, reset)
+        h_prev = _shift(h, start, reset)
         J = cell.jacobian(h_prev, u, params)
         # lambda_t = g_t + J_{t+1}^T lambda_{t+1}: a reverse scan with A_t = J_{t+1}^T, which is
-        # cut where a document starts at t+1, and absent after the last step.
-        A = torch.cat((_transpose(J[:, 1:], cell.block), torch.zeros_like(J[:, :1])), dim=1)
+        # cut where a document starts at t+1, and absent after the last step -- unless a next
+        # piece follows, whose first Jacobian (zeroed where its document starts) links them.
+        J_last = torch.zeros_like(J[:, :1])
+        link_last = False
+        if ctx.boundary is not None:
+            J_first = J[:, :1] if reset is None else J[:, :1].masked_fill(_reset_mask(reset[:, :1], J), 0.0)
+            J_next = ctx.boundary.from_next(J_first)
+            if J_next is not None:
+                J_last, link_last = J_next, True
+        A = torch.cat((_transpose(J[:, 1:], cell.block), _transpose(J_last, cell.block)), dim=1)
         rev_reset = None
         if reset is not None:
-            rev_reset = torch.cat((reset[:, 1:], torch.ones_like(reset[:, :1])), dim=1)
+            last = torch.full_like(reset[:, :1], not link_last)
+            rev_reset = torch.cat((reset[:, 1:], last), dim=1)
         lam = ctx.linear_solve(A, grad_h.to(h.dtype), reset=rev_reset, reverse=True)
         # One VJP of f at the solution: dL/du_t = (df/du_t)^T lambda_t, likewise for the
-        # weights (summed over B,T by autograd) and h0 (through h_prev at t=0 only).
+        # weights (summed over B,T by autograd) and h0 (through h_prev at t=0 only). A previous
+        # piece's state is a constant here: its gradient reached that piece through the scan.
         with torch.enable_grad():
             u_ = u.detach().requires_grad_(True)
             params_ = [p.detach().requires_grad_(True) for p in params]
-            h0_ = h0.detach().requires_grad_(True) if h0 is not None else None
+            h0_ = start.detach().requires_grad_(True) if ctx.start_is_h0 else start
             out = cell.step(_shift(h.detach(), h0_, reset), u_, params_)
-            inputs = [u_] + params_ + ([h0_] if h0_ is not None else [])
+            inputs = [u_] + params_ + ([h0_] if ctx.start_is_h0 else [])
             grads = torch.autograd.grad(out, inputs, grad_outputs=lam, allow_unused=True)
         grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
         grad_u, grad_params = grads[0], grads[1:1 + len(params)]
-        grad_h0 = grads[-1] if h0 is not None else None
+        grad_h0 = grads[-1] if ctx.start_is_h0 else None
         return (None, None, grad_u, grad_h0, None, *grad_params)
 
 
-def _newton(cell, u, params, h0, reset, num_iters, tol, max_iters, damping, linear_solve, name):
+def _newton(cell, u, params, h0, reset, num_iters, tol, max_iters, damping, linear_solve, boundary, name,
+            backend=None):
     if u.dim() != 4 or u.shape[2] != 3:
         raise ValueError(f"{name}: u must be [B,T,3,D] pre-activations; got {tuple(u.shape)}")
     B, T, _, D = u.shape
@@ -214,13 +249,22 @@ def _newton(cell, u, params, h0, reset, num_iters, tol, max_iters, damping, line
     if tol is not None and max_iters < num_iters:
         raise ValueError(f"{name}: max_iters ({max_iters}) must be >= num_iters ({num_iters})")
     dtype = _compute_dtype(u)
-    opts = (num_iters, tol, max_iters, damping, linear_solve)
-    states, residual = _NewtonSolve.apply(
-        cell, opts, u.to(dtype),
-        None if h0 is None else h0.to(dtype),
-        None if reset is None else reset.to(torch.bool),
-        *[p.to(dtype) for p in params],
-    )
+    h0 = None if h0 is None else h0.to(dtype)
+    reset = None if reset is None else reset.to(torch.bool)
+    params = [p.to(dtype) for p in params]
+    # The fused kernels hold their own scan and see one whole sequence: a swapped-in
+    # linear_solve or a sequence-parallel boundary keeps this reference solver.
+    fusable = linear_solve is linear_scan and boundary is None
+    if use_triton(backend, u, name) and (fusable or backend == "triton"):
+        if not fusable:
+            raise ValueError(f"{name}: backend='triton' runs the fused kernels, which take neither a "
+                             f"custom linear_solve nor a boundary; pass backend=None or 'torch'")
+        from kernels.pararnn_triton import DEFAULT_BLOCK_D, DEFAULT_BLOCK_T, FusedNewtonSolve
+        opts = (num_iters, tol, max_iters, damping, DEFAULT_BLOCK_T, DEFAULT_BLOCK_D)
+        states, residual = FusedNewtonSolve.apply(name, opts, u, h0, reset, *params)
+    else:
+        opts = (num_iters, tol, max_iters, damping, linear_solve, boundary)
+        states, residual = _NewtonSolve.apply(cell, opts, u.to(dtype), h0, reset, *params)
     if tol is not None and residual.item() > tol:
         warnings.warn(f"{name}: Newton residual {residual.item():.3e} > tol={tol:.3e} after "
                       f"max_iters={max_iters} iterations", RuntimeWarning, stacklevel=3)
@@ -228,7 +272,7 @@ def _newton(cell, u, params, h0, reset, num_iters, tol, max_iters, damping, line
 
 
 def paragru(u, a, h0=None, reset=None, num_iters=3, tol=None, max_iters=None, damping=None,
-            linear_solve=linear_scan):
+            linear_solve=linear_scan, boundary=None, *, backend=None):
     """ParaGRU over a whole sequence by Newton.
 
     u: pre-activations [B,T,3,D] (z, r, h); a: recurrent diagonal weights [3,D]; h0: [B,D] or None;
@@ -237,17 +281,26 @@ def paragru(u, a, h0=None, reset=None, num_iters=3, tol=None, max_iters=None, da
     past num_iters up to max_iters (default 2*num_iters) if needed, and warn if still above tol.
     damping: None, or a float c > 0 clamping every Newton step elementwise to [-c, c].
     linear_solve: a function with linear_scan's signature (swap in a sequence-parallel one).
+    boundary: None, or (sequence parallelism) the piece-boundary exchange described in the module
+        docstring; u, reset and the returned h are then this piece's, h0 is used on the first
+        piece only (pass None elsewhere), the final state is this piece's last, the residual the
+        maximum over all pieces.
+    backend: None (CUDA tensors, default linear_solve, no boundary: the fused Triton kernels of
+        kernels.pararnn_triton; otherwise this reference), "torch" or "triton" (forced; on CPU
+        tensors it needs TRITON_INTERPRET=1). With tol the fused path stops early per block of
+        channels (independent systems), so its iteration count may differ from the reference's;
+        the rule on the reported residual is the same.
 
     Returns (h [B,T,D] in u's dtype, final_state [B,D] fp32 (fp64 for fp64 u),
              residual: 0-dim detached max_t |h_t - f(h_{t-1}, u_t)| at the returned solution).
     """
     states, residual = _newton(ParaGRUCell, u, (a,), h0, reset, num_iters, tol, max_iters, damping,
-                               linear_solve, "paragru")
+                               linear_solve, boundary, "paragru", backend)
     return states.to(u.dtype), states[:, -1], residual
 
 
 def paralstm(u, a, p, state0=None, reset=None, num_iters=3, tol=None, max_iters=None, damping=None,
-             linear_solve=linear_scan):
+             linear_solve=linear_scan, boundary=None, *, backend=None):
     """ParaLSTM over a whole sequence by Newton.
 
     u: pre-activations [B,T,3,D] (f, c, o); a: [3,D] (a_f, a_c, a_o); p: peepholes [2,D] (p_f, p_o);
@@ -256,7 +309,7 @@ def paralstm(u, a, p, state0=None, reset=None, num_iters=3, tol=None, max_iters=
     Returns (h [B,T,D] in u's dtype, final_state [B,D,2] = (c, h) fp32 (fp64 for fp64 u), residual).
     """
     states, residual = _newton(ParaLSTMCell, u, (a, p), state0, reset, num_iters, tol, max_iters,
-                               damping, linear_solve, "paralstm")
+                               damping, linear_solve, boundary, "paralstm", backend)
     return states[..., 1].to(u.dtype), states[:, -1], residual
 
 
