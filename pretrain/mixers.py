@@ -108,6 +108,7 @@ class ParaRNNMixer(nn.Module):
         self.recurrent = nn.Parameter(torch.empty(3, hidden))  # diagonal recurrent weights a_*
         self.out_proj = nn.Linear(hidden, cfg.d_model, bias=False)
         self.last_residual = None
+        self.solver_extra = {}  # e.g. a sequence-parallel linear_solve and boundary (parallel/)
         self.reset_mixer_parameters()
 
     def reset_mixer_parameters(self):
@@ -116,7 +117,7 @@ class ParaRNNMixer(nn.Module):
 
     def solver_kwargs(self):
         c = self.rnn_cfg
-        return dict(num_iters=c.num_iters, tol=c.tol, max_iters=c.max_iters)
+        return dict(num_iters=c.num_iters, tol=c.tol, max_iters=c.max_iters, **self.solver_extra)
 
 
 class ParaGRUMixer(ParaRNNMixer):
@@ -169,6 +170,7 @@ class DeltaProductMixer(nn.Module):
         self.g_proj = nn.Linear(d, H * dv, bias=False)  # output gate of the gated RMSNorm
         self.o_norm = RMSNorm(dv, cfg.norm_eps)
         self.out_proj = nn.Linear(H * dv, d, bias=False)
+        self.recurrence = deltaproduct  # swapped for a sequence-parallel one by parallel plans
         self.reset_mixer_parameters()
 
     def reset_mixer_parameters(self):
@@ -180,8 +182,9 @@ class DeltaProductMixer(nn.Module):
 
     def forward(self, x, doc_start=None):
         B, T, _ = x.shape
-        H, dk, dv, nh = self.H, self.dk, self.dv, self.nh
+        dk, dv, nh = self.dk, self.dv, self.nh
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        H = q.shape[-1] // dk  # the heads held here (all of them unless tensor-parallel)
         if self.c.use_short_conv:
             q, k, v = self.q_conv(q, doc_start), self.k_conv(k, doc_start), self.v_conv(v, doc_start)
         q = F.normalize(q.view(B, T, H, dk).float(), dim=-1).to(x.dtype)
@@ -193,7 +196,7 @@ class DeltaProductMixer(nn.Module):
         g = None
         if self.c.use_forget_gate:
             g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
-        o, _ = deltaproduct(q, k, v, beta, g, reset=doc_start, chunk_size=self.c.chunk_size)
+        o, _ = self.recurrence(q, k, v, beta, g, reset=doc_start, chunk_size=self.c.chunk_size)
         o = self.o_norm(o) * F.silu(self.g_proj(x).view(B, T, H, dv))
         return self.out_proj(o.reshape(B, T, H * dv))
 
@@ -220,23 +223,24 @@ class AttentionMixer(nn.Module):
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x, doc_start=None):
-        B, T, d = x.shape
-        q, k, v = self.qkv_proj(x).view(B, T, 3, self.H, self.hd).unbind(2)
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(B, T, 3, -1, self.hd).unbind(2)
+        o = self.attend(q, k, v, doc_start if self.c.doc_mask else None)
+        return self.out_proj(o.reshape(B, T, -1))
+
+    def attend(self, q, k, v, doc_start=None):
+        """Rotary embedding + causal attention on q, k, v [B, T, h, hd] (positions 0..T-1)."""
+        T = q.shape[1]
         q, k = rotary(q, self.c.rope_theta), rotary(k, self.c.rope_theta)
-        if not self.c.doc_mask:
-            doc_start = None
-        use_flash = flash_attn_func is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-        if use_flash:
-            o = self._flash(q, k, v, doc_start)
-        else:
-            mask = None
-            if doc_start is not None:
-                doc = document_ids(doc_start)
-                causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-                mask = (causal & (doc[:, :, None] == doc[:, None, :])).unsqueeze(1)
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=mask, is_causal=mask is None).transpose(1, 2)
-        return self.out_proj(o.reshape(B, T, d))
+        if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+            return self._flash(q, k, v, doc_start)
+        mask = None
+        if doc_start is not None:
+            doc = document_ids(doc_start)
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            mask = (causal & (doc[:, :, None] == doc[:, None, :])).unsqueeze(1)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=mask, is_causal=mask is None).transpose(1, 2)
 
     @staticmethod
     def _flash(q, k, v, doc_start):

@@ -16,6 +16,11 @@ from pretrain.config import ModelConfig
 from pretrain.mixers import MIXER_CLASSES, RMSNorm
 
 
+def next_token_loss(logits, labels):
+    """Mean cross-entropy of logits [B, T, V] against labels [B, T], computed in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
@@ -83,7 +88,10 @@ class LanguageModel(nn.Module):
         logits = self.head(self.norm(x))
         if labels is None:
             return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        return self.loss_fn(logits, labels)
+
+    # A tensor-parallel plan swaps in the vocab-parallel cross-entropy (logits sharded over vocab).
+    loss_fn = staticmethod(next_token_loss)
 
     def solver_residuals(self) -> dict[str, float]:
         """The last Newton residual of each ParaRNN layer (for the training log)."""
