@@ -213,7 +213,8 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, gro
     loss 0 and no gradient; the caller divides the sum by its token count.
     """
     if group_size(group) == 1:
-        return F.cross_entropy(logits.float().flatten(0, -2), target.flatten(), ignore_index=ignore_index,
+        z = logits if logits.dtype == torch.float64 else logits.float()
+        return F.cross_entropy(z.flatten(0, -2), target.flatten(), ignore_index=ignore_index,
                                reduction="none").view(target.shape)
     vocab_start = group_rank(group) * logits.shape[-1]
     return _VocabParallelCrossEntropy.apply(logits, target, group, vocab_start, ignore_index)

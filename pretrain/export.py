@@ -55,6 +55,10 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32") -> 
     ckpt = resolve_checkpoint(checkpoint)
     trainer_state = ckpt_lib.read_trainer_state(ckpt)
     model_cfg = trainer_state["config"]["model"]
+    topology = trainer_state.get("topology", {})
+    if topology.get("tp", 1) > 1:
+        raise ConfigError(f"{ckpt} was written with parallel.tp={topology['tp']}; exporting tensor-parallel "
+                          f"checkpoints (gathering the shards) is not implemented yet - train or resume with tp=1")
     tokenizer = Path(trainer_state["config"]["data"]["path"]) / "tokenizer.model"
     if not tokenizer.is_file():
         raise ConfigError(f"the tokenizer {tokenizer} recorded by the checkpoint is missing; "

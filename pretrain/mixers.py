@@ -21,6 +21,17 @@ except Exception:  # ImportError, or a CUDA/ABI mismatch inside flash-attn
     flash_attn_func = flash_attn_varlen_func = None
 
 
+def fp32_at_least(x: torch.Tensor) -> torch.Tensor:
+    """Upcast bf16/fp16 for reductions and transcendentals; fp64 (the tests' dtype) stays fp64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def rms_norm(x, weight, eps: float):
+    xf = fp32_at_least(x)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight.to(xf.dtype)).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -28,9 +39,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def document_ids(doc_start: torch.Tensor) -> torch.Tensor:
@@ -187,15 +196,16 @@ class DeltaProductMixer(nn.Module):
         H = q.shape[-1] // dk  # the heads held here (all of them unless tensor-parallel)
         if self.c.use_short_conv:
             q, k, v = self.q_conv(q, doc_start), self.k_conv(k, doc_start), self.v_conv(v, doc_start)
-        q = F.normalize(q.view(B, T, H, dk).float(), dim=-1).to(x.dtype)
-        k = F.normalize(k.view(B, T, nh, H, dk).float(), dim=-1).to(x.dtype)
+        q = F.normalize(fp32_at_least(q.view(B, T, H, dk)), dim=-1).to(x.dtype)
+        k = F.normalize(fp32_at_least(k.view(B, T, nh, H, dk)), dim=-1).to(x.dtype)
         v = v.view(B, T, nh, H, dv)
-        beta = torch.sigmoid(self.b_proj(x).float()).view(B, T, nh, H)
+        beta = torch.sigmoid(fp32_at_least(self.b_proj(x))).view(B, T, nh, H)
         if self.c.allow_neg_eigval:
             beta = 2.0 * beta  # eigenvalues of I - beta k k^T in [-1, 1]
         g = None
         if self.c.use_forget_gate:
-            g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+            a = fp32_at_least(self.a_proj(x))
+            g = -torch.exp(self.A_log.to(a.dtype)) * F.softplus(a + self.dt_bias.to(a.dtype))
         o, _ = self.recurrence(q, k, v, beta, g, reset=doc_start, chunk_size=self.c.chunk_size)
         o = self.o_norm(o) * F.silu(self.g_proj(x).view(B, T, H, dv))
         return self.out_proj(o.reshape(B, T, H * dv))
@@ -204,10 +214,11 @@ class DeltaProductMixer(nn.Module):
 def rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary position embedding on x [B, T, H, hd] (rotate-half convention)."""
     T, hd = x.shape[1], x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd))
-    angles = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv_freq)
+    xf = fp32_at_least(x)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, device=x.device, dtype=xf.dtype) / hd))
+    angles = torch.outer(torch.arange(T, device=x.device, dtype=xf.dtype), inv_freq)
     cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = xf.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 

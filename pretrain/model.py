@@ -13,12 +13,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
-from pretrain.mixers import MIXER_CLASSES, RMSNorm
+from pretrain.mixers import MIXER_CLASSES, RMSNorm, fp32_at_least
 
 
 def next_token_loss(logits, labels):
     """Mean cross-entropy of logits [B, T, V] against labels [B, T], computed in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+    return F.cross_entropy(fp32_at_least(logits).flatten(0, 1), labels.flatten())
 
 
 class SwiGLU(nn.Module):

@@ -19,11 +19,13 @@ import torch.distributed as dist
 import yaml
 
 from data.loader import TokenLoader
+from parallel.topology import ParallelDims
 from pretrain import checkpoint as ckpt_lib
 from pretrain.config import Config, ConfigError, to_dict
 from pretrain.metrics import MetricsLogger, device_peak_flops, plot_loss_svg, read_metrics
 from pretrain.model import LanguageModel
-from pretrain.parallelize import apply_activation_checkpointing
+from pretrain.parallelize import (apply_activation_checkpointing, apply_sequence_parallel, apply_tensor_parallel,
+                                  sequence_slice, validate_parallel)
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint saved, run me again"
 PREEMPTED_MARKER = "preempted.json"  # written beside the checkpoints on a preemption exit
@@ -129,7 +131,7 @@ class PreemptionFlag:
         return bool(flag.item())
 
 
-def check_resume_compatible(cfg: Config, state: dict, tokenizer_checksum: str) -> None:
+def check_resume_compatible(cfg: Config, state: dict, tokenizer_checksum: str, dims: ParallelDims) -> None:
     old = state["config"]["model"]
     new = to_dict(cfg.model)
     diffs = [f"model.{k}: checkpoint {old.get(k)!r} vs config {new[k]!r}" for k in new if old.get(k) != new[k]]
@@ -138,9 +140,10 @@ def check_resume_compatible(cfg: Config, state: dict, tokenizer_checksum: str) -
     if state.get("tokenizer_checksum") != tokenizer_checksum:
         raise ConfigError("cannot resume: the data's tokenizer differs from the checkpoint's "
                           f"({state.get('tokenizer_checksum', '?')[:12]} vs {tokenizer_checksum[:12]})")
-    if state.get("world_size") != (dist.get_world_size() if dist.is_initialized() else 1):
-        raise ConfigError(f"cannot resume: the checkpoint was written by {state.get('world_size')} ranks, "
-                          f"this run has {dist.get_world_size()}; resuming at another size is not supported yet")
+    now = {"dp": dims.dp, "sp": dims.sp, "tp": dims.tp}
+    if state.get("topology") != now:
+        raise ConfigError(f"cannot resume: the checkpoint was written with {state.get('topology')}, this run has "
+                          f"{now}; resuming at another topology is not supported yet")
 
 
 def _quiet_deepspeed():
@@ -160,16 +163,23 @@ def train(cfg: Config) -> dict:
     _quiet_deepspeed()
     device, dtype = resolve_device(cfg)
     t = cfg.train
-    if cfg.parallel.tp != 1 or cfg.parallel.sp != 1:
-        raise ConfigError("parallel.tp and parallel.sp > 1 are not available yet; use parallel.tp=1 parallel.sp=1 "
-                          "(data parallelism over all ranks)")
-
-    # Data first: a missing or mismatched dataset fails before anything is written.
     init_distributed(device)
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
+        dims = ParallelDims.from_world(sp=cfg.parallel.sp, tp=cfg.parallel.tp, world_size=world)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (torchrun --nproc-per-node x nodes must be a multiple of parallel.tp x parallel.sp)") from None
+    validate_parallel(cfg, dims)
+    if cfg.parallel.zero_stage == 3 and dims.tp > 1:
+        raise ConfigError("parallel.zero_stage=3 needs parallel.tp=1 (ZeRO-3 partitions would split the tp shards "
+                          "again); use zero_stage 1 or 2 with tensor parallelism")
+    dims.build_groups()
+
+    # Data first: a missing or mismatched dataset fails before anything is written. sp and tp
+    # ranks of one dp rank read the same batches (and slice the sequence for sp).
+    try:
         loader = TokenLoader(cfg.data.path, seq_len=cfg.data.seq_len, batch_size=t.micro_batch_size,
-                             dp_rank=rank, dp_size=world, seed=cfg.data.seed)
+                             dp_rank=dims.dp_rank, dp_size=dims.dp, seed=cfg.data.seed)
     except ValueError as exc:  # too few shards for the ranks, too little data for a batch, ...
         raise ConfigError(f"data.path={cfg.data.path}: {exc}") from None
     if cfg.model.vocab_size < loader.vocab_size:
@@ -187,17 +197,21 @@ def train(cfg: Config) -> dict:
             raise ConfigError(f"train.resume={t.resume} is not a loadable checkpoint ({why}); pass "
                               f"<run_dir>/checkpoints/step_XXXXXXXX, train.resume=auto or train.resume=none")
     if resume_from is not None:
-        check_resume_compatible(cfg, ckpt_lib.read_trainer_state(resume_from), loader.tokenizer_checksum)
+        check_resume_compatible(cfg, ckpt_lib.read_trainer_state(resume_from), loader.tokenizer_checksum, dims)
 
-    torch.manual_seed(t.seed)
+    torch.manual_seed(t.seed)  # the same full weights on every rank; the plans keep each rank's shard
     model = LanguageModel(cfg.model)
+    n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_len)
+    apply_tensor_parallel(model, dims)
+    apply_sequence_parallel(model, dims)
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                                   eps=1e-8, fused=False, foreach=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, t))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=deepspeed_config(cfg, dtype))
+                                                           config=deepspeed_config(cfg, dtype),
+                                                           mpu=dims.mpu() if dims.tp * dims.sp > 1 else None)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
@@ -214,22 +228,21 @@ def train(cfg: Config) -> dict:
         ckpt_lib.set_rng_state(rank_state["rng"])
     # The seed (and RNG restore on resume) come before anything random on the training path.
 
-    tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum * world
-    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum * dims.dp
     peak = device_peak_flops(device, t.peak_tflops)
     end_step = t.stop_at or t.max_steps
     metrics = MetricsLogger(run_dir, to_dict(cfg), cfg.logging.wandb, enabled=rank == 0, resume_step=step)
     preempt = PreemptionFlag()
     if rank == 0:
-        n = model.num_params()
-        print(f"model: {n / 1e6:.2f}M parameters, mixers {cfg.model.layer_mixers()}; device {device}, "
-              f"{str(dtype).replace('torch.', '')}, world {world}, ZeRO-{cfg.parallel.zero_stage}; "
+        print(f"model: {n_params / 1e6:.2f}M parameters, mixers {cfg.model.layer_mixers()}; device {device}, "
+              f"{str(dtype).replace('torch.', '')}, world {world} = dp {dims.dp} x sp {dims.sp} x tp {dims.tp}, "
+              f"ZeRO-{cfg.parallel.zero_stage}; "
               + (f"resuming from {resume_from} at step {step}" if resume_from else "starting at step 0"), flush=True)
 
     def save(at_step: int) -> Path:
         trainer_state = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
                          "config": to_dict(cfg), "tokenizer_checksum": loader.tokenizer_checksum,
-                         "world_size": world, "topology": {"dp": world, "tp": 1, "sp": 1}}
+                         "world_size": world, "topology": {"dp": dims.dp, "sp": dims.sp, "tp": dims.tp}}
         rank_state = {"rng": ckpt_lib.rng_state(), "loader": loader.state_dict()}
         return ckpt_lib.save_checkpoint(engine, run_dir, at_step, trainer_state, rank_state, t.keep_last)
 
@@ -244,7 +257,7 @@ def train(cfg: Config) -> dict:
     while step < end_step:
         step_loss = torch.zeros((), device=device)
         for _ in range(t.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
+            batch = sequence_slice({k: v.to(device, non_blocking=True) for k, v in next(loader).items()}, dims)
             loss = engine(batch["input_ids"], labels=batch["labels"], doc_start=batch["doc_start"])
             finite = torch.isfinite(loss.detach()).float()
             if world > 1:
@@ -258,6 +271,9 @@ def train(cfg: Config) -> dict:
         step += 1
         tokens_seen += tokens_per_step
         run_tokens += tokens_per_step
+        if world > 1:  # the mean over dp of the full sequences' loss (sp ranks hold partial sums)
+            dist.all_reduce(step_loss, group=dims.dp_sp_group)
+            step_loss /= dims.dp
         loss_value = step_loss.item()
         first_loss = loss_value if first_loss is None else first_loss
         last_loss = loss_value

@@ -143,3 +143,16 @@ def test_export_of_a_missing_checkpoint_is_one_line(tmp_path):
     proc = run(["-m", "launch.export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "e")], check=False)
     assert "is not a complete checkpoint" in one_line_error(proc, "export")
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_tp2_sp2_matches_the_single_process_losses(data_dir, tmp_path):
+    """The README's multi-process command on CPU: 4 ranks, tp=2 x sp=2, ZeRO-1."""
+    common = [*TINY, "model.attention.num_heads=4", "train.max_steps=2", f"data.path={data_dir}"]
+    run(["-m", "launch.train", *common, f"train.run_dir={tmp_path / 'one'}"])
+    run(["-m", "torch.distributed.run", "--nproc-per-node", "4", "-m", "launch.train", *common,
+         f"train.run_dir={tmp_path / 'four'}", "parallel.tp=2", "parallel.sp=2"], timeout=600)
+    one, four = losses(tmp_path / "one"), losses(tmp_path / "four")
+    assert sorted(one) == sorted(four) == [1, 2]
+    for step in one:  # fp32: the same math with other reduction orders
+        assert four[step] == pytest.approx(one[step], rel=1e-5), step
