@@ -233,6 +233,11 @@ def train(cfg: Config) -> dict:
     end_step = t.stop_at or t.max_steps
     metrics = MetricsLogger(run_dir, to_dict(cfg), cfg.logging.wandb, enabled=rank == 0, resume_step=step)
     preempt = PreemptionFlag()
+    # Newton convergence is never silent: layers whose residual stays above their tol (after the
+    # solver's extra iterations up to max_iters) are warned about with layer and step, and counted.
+    newton_tol = {f"layer{i}.{b.mixer_name}": b.mixer.rnn_cfg.tol for i, b in enumerate(model.blocks)
+                  if getattr(b.mixer, "rnn_cfg", None) is not None and b.mixer.rnn_cfg.tol is not None}
+    unconverged = 0
     if rank == 0:
         print(f"model: {n_params / 1e6:.2f}M parameters, mixers {cfg.model.layer_mixers()}; device {device}, "
               f"{str(dtype).replace('torch.', '')}, world {world} = dp {dims.dp} x sp {dims.sp} x tp {dims.tp}, "
@@ -280,6 +285,13 @@ def train(cfg: Config) -> dict:
         window_loss += loss_value
         window_steps += 1
         pbar.update(1)
+        if newton_tol:
+            bad = {k: v for k, v in engine.module.solver_residuals().items() if k in newton_tol and v > newton_tol[k]}
+            unconverged += len(bad)
+            if bad and rank == 0:
+                pbar.write(f"warning: step {step}: Newton residual above tol in "
+                           + ", ".join(f"{k} ({v:.2e} > {newton_tol[k]:.0e})" for k, v in bad.items())
+                           + "; raise num_iters / max_iters or lower the lr")
 
         if step == 1 or step % cfg.logging.log_every == 0 or step == end_step:
             elapsed = time.perf_counter() - window_t0
@@ -293,6 +305,7 @@ def train(cfg: Config) -> dict:
                 record["mfu"] = mfu
             if residuals:
                 record["newton_residual_max"] = max(residuals.values())
+                record["newton_unconverged"] = unconverged
                 record.update({f"newton_residual/{k}": v for k, v in residuals.items()})
             metrics.log(record)
             pbar.set_postfix_str(f"loss {record['loss']:.3f} | {tok_s:,.0f} tok/s"

@@ -156,3 +156,15 @@ def test_torchrun_tp2_sp2_matches_the_single_process_losses(data_dir, tmp_path):
     assert sorted(one) == sorted(four) == [1, 2]
     for step in one:  # fp32: the same math with other reduction orders
         assert four[step] == pytest.approx(one[step], rel=1e-5), step
+
+
+@pytest.mark.slow
+def test_unconverged_newton_is_warned_with_layer_and_step(data_dir, tmp_path):
+    proc = run(["-m", "launch.train", *TINY, "model.mixers=[paragru,attention,paragru]", "train.max_steps=2",
+                "model.paragru.num_iters=1", "model.paragru.max_iters=1", "model.paragru.tol=1e-12",
+                f"data.path={data_dir}", f"train.run_dir={tmp_path / 'run'}"])
+    assert "warning: step 1: Newton residual above tol in layer0.paragru (" in proc.stdout
+    assert "layer2.paragru" in proc.stdout
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["newton_unconverged"] == 4  # two layers at each of two steps
+    assert last["newton_residual_max"] > 1e-12
