@@ -15,7 +15,7 @@ MAX_STEPS=$(python -c "from pretrain.config import load_config; import sys; prin
 HALF=$((MAX_STEPS / 2))
 
 echo "== 1/5 data: tokenizer + token shards from the Python standard library"
-python -m launch.prepare_data --out "$DATA_DIR" --vocab-size 1024 --max-bytes 6000000 --shard-tokens 262144 --workers 2
+python -m launch.prepare_data --out "$DATA_DIR" --vocab-size 1024 --max-bytes 6000000 --shard-tokens 262144 --workers 2 --overwrite
 
 echo "== 2/5 train steps 0..$HALF, then stop with a checkpoint"
 rm -rf "$RUN_DIR"
