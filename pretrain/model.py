@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
+from pretrain.flops import model_flops_per_token
 from pretrain.mixers import MIXER_CLASSES, RMSNorm, fp32_at_least
 
 
@@ -109,18 +110,9 @@ class LanguageModel(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 per matmul weight (fwd + bwd) plus attention's scores.
-
-        A first estimate: it leaves out the recurrences' own element-wise work (Newton steps,
-        scans, the chunkwise DeltaProduct), which are small next to the projections at scale.
-        """
-        matmul_params = self.num_params(exclude_embedding=True)
-        if self.cfg.tie_embeddings:
-            matmul_params += self.embed.weight.numel()  # the head is a matmul even when tied
-        flops = 6.0 * matmul_params
-        n_attn = sum(1 for m in self.cfg.layer_mixers() if m == "attention")
-        flops += n_attn * 6.0 * seq_len * self.cfg.d_model  # QK^T and AV, causal half, fwd + bwd
-        return flops
+        """Training FLOPs per token (forward + backward) counted from each layer's math, including
+        the Newton iterations, the scans and the chunkwise DeltaProduct (pretrain/flops.py)."""
+        return model_flops_per_token(self.cfg, seq_len)["total"]
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.8, top_k: int = 40,
