@@ -1,31 +1,32 @@
-"""Batches of packed token windows from a prepared corpus, split over data-parallel ranks, with
-an exact resume.
+"""Batches of packed token windows from one prepared corpus or a weighted mix of several, split
+over data-parallel ranks, optionally assembled in worker processes, with an exact resume.
 
-A shard of n tokens holds (n - 1) // seq_len windows; window w covers tokens
-[w * seq_len, w * seq_len + seq_len + 1): its first seq_len tokens are the inputs, its last
-seq_len the labels, so consecutive windows share one token and every token after a shard's first
-is a label exactly once. Windows never cross shards; a shard's tail too short for a window is
-dropped.
+Batch g of a rank (g counts from the start of training) holds windows g * batch_size ..
+(g + 1) * batch_size - 1 of the rank's window stream (data/windows.py; for a mix, each window's
+dataset comes from data/mixing.py). It is a pure function of (manifests, seed, rank, g): that is
+the resume, the saved state being only g and what it is valid with.
 
-Epoch e, for a rank: shards are permuted with (seed, e) and dealt round-robin to the dp ranks;
-the rank reads its shards in that order, each shard's windows permuted with (seed, e, shard).
-Every rank yields the same number of batches per epoch, a bound computed from the manifest alone
-(so no rank waits on a collective another never reaches); windows past it are skipped that epoch.
-Batch b of epoch e is a pure function of (manifest, seed, rank, e, b): that is the resume.
+Workers: with num_workers = W > 0, worker w of a torch DataLoader assembles batches
+g = start + w, start + w + W, ... and the DataLoader hands them back in round-robin order, which
+is the order g: the batches are exactly those of num_workers = 0. The state is the position of
+the next batch the caller gets (not how far the workers read ahead), so a run resumes exactly
+with any number of workers, the same or another. Each worker reads (and caches) the shards it
+needs itself.
 """
 
 from __future__ import annotations
 
-import collections
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.shards import SPLITS, load_manifest, read_shard
-
-_CACHED_SHARDS = 2  # a batch may span two shards
+from data.mixing import MixSchedule, parse_mix
+from data.shards import SPLITS, ShardError, load_manifest
+from data.windows import BAD_SHARD_POLICIES, ShardWindows
 
 
 def check_tokenizer_matches(manifest, vocab_size: int) -> None:
@@ -42,55 +43,138 @@ def check_tokenizer_matches(manifest, vocab_size: int) -> None:
                          f"{manifest['vocab_size']}")
 
 
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng(list(key))
+def _mix_seed(seed: int, dataset: int) -> int:
+    """Each mixed dataset shuffles with its own seed (two entries of one directory differ too)."""
+    return int(np.random.SeedSequence([seed, dataset, 0x6D6978]).generate_state(1)[0])
+
+
+class BatchAssembler:
+    """Batch g of a rank as tensors, plus the bad shards first met while making it. Picklable:
+    each worker process holds a copy (and its own shard cache)."""
+
+    def __init__(self, sources: list[ShardWindows], schedule: MixSchedule | None, batch_size: int):
+        self.sources, self.schedule, self.batch_size = sources, schedule, batch_size
+        self.seq_len, self.eos_id = sources[0].seq_len, sources[0].eos_id
+        self._dtype = sources[0].dtype
+
+    def __call__(self, g: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(windows [batch_size, seq_len + 1] int32, doc_start [batch_size, seq_len], new bad
+        shards): the compact form, which is what workers send back."""
+        B, L = self.batch_size, self.seq_len
+        windows = np.empty((B, L + 1), dtype=self._dtype)
+        first_is_start = np.empty(B, dtype=bool)
+        if self.schedule is None:
+            self.sources[0].fill(np.arange(g * B, (g + 1) * B), windows, first_is_start)
+        else:
+            dataset, local = self.schedule.assign(g * B, B)
+            for d in np.unique(dataset):
+                rows = np.flatnonzero(dataset == d)
+                part, part_start = np.empty((len(rows), L + 1), self._dtype), np.empty(len(rows), bool)
+                self.sources[d].fill(local[rows], part, part_start)
+                windows[rows], first_is_start[rows] = part, part_start
+        doc_start = np.empty((B, L), dtype=bool)
+        doc_start[:, 0] = first_is_start
+        np.equal(windows[:, :L - 1], self.eos_id, out=doc_start[:, 1:])
+        new_bad = [name for s in self.sources for name in s.new_bad_shards]
+        for s in self.sources:
+            s.new_bad_shards.clear()
+        return torch.from_numpy(windows.astype(np.int32)), torch.from_numpy(doc_start), new_bad
+
+
+def _as_batch(windows: torch.Tensor, doc_start: torch.Tensor, pin_memory: bool) -> dict[str, torch.Tensor]:
+    ids = windows.long()
+    batch = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(), "doc_start": doc_start}
+    if pin_memory and torch.cuda.is_available():
+        batch = {k: v.pin_memory() for k, v in batch.items()}
+    return batch
+
+
+class _WorkerBatches(IterableDataset):
+    """In worker w of W: batches start + w, start + w + W, ... A ShardError travels back as its
+    one-line message (the DataLoader would wrap it in a traceback)."""
+
+    def __init__(self, assemble: BatchAssembler, start: int):
+        self.assemble, self.start = assemble, start
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, W = (info.id, info.num_workers) if info is not None else (0, 1)
+        g = self.start + w
+        while True:
+            try:
+                yield self.assemble(g)
+            except ShardError as e:
+                yield None, None, [str(e)]
+                return
+            g += W
 
 
 class TokenLoader:
-    """An infinite iterator of dicts: input_ids, labels (LongTensor [batch_size, seq_len]) and
-    doc_start (BoolTensor: input token t begins a document, i.e. the token before it is EOS)."""
+    """An endless iterator of dicts: input_ids, labels (LongTensor [batch_size, seq_len]) and
+    doc_start (BoolTensor: input token t begins a document, i.e. the token before it is EOS).
 
-    def __init__(self, data_dir, seq_len: int, batch_size: int, split: str = "train",
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
+    `data` is a prepared directory, or a mix: a list of "path:weight" strings, (path, weight)
+    pairs or {"path", "weight"} dicts whose manifests share one tokenizer. split "val" deals
+    windows (not shards) to the ranks unless deal says otherwise. num_workers > 0 assembles
+    batches in that many processes (same batches) through a torch DataLoader with that
+    prefetch_factor; pin_memory pins the batches (when CUDA is there). on_bad_shard: "error" (a ShardError naming the shard) or "skip" (counted in
+    `skipped_shards`, one line on stderr each; see data/windows.py)."""
+
+    def __init__(self, data, seq_len: int, batch_size: int, split: str = "train",
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, *, num_workers: int = 0,
+                 pin_memory: bool = False, prefetch_factor: int = 2, on_bad_shard: str = "error",
+                 deal: str | None = None):
         for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1),
-                                 ("dp_size", dp_size, 1), ("seed", seed, 0)):
-            if not isinstance(value, int) or value < low:
+                                 ("dp_size", dp_size, 1), ("seed", seed, 0),
+                                 ("num_workers", num_workers, 0), ("prefetch_factor", prefetch_factor, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} {value!r} must be an integer >= {low}")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} must be in [0, dp_size={dp_size})")
         if split not in SPLITS:
             raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-        self.data_dir = Path(data_dir)
-        self.manifest, self.manifest_sha256 = load_manifest(self.data_dir)
+        if on_bad_shard not in BAD_SHARD_POLICIES:
+            raise ValueError(f"on_bad_shard {on_bad_shard!r} is not one of {', '.join(BAD_SHARD_POLICIES)}")
+        deal = deal or ("shards" if split == "train" else "windows")
         self.seq_len, self.batch_size, self.split = seq_len, batch_size, split
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self._dtype = np.dtype(self.manifest["dtype"])
-        self._shards = self.manifest[split]["shards"]
-        self._windows = np.array([max(0, (s["tokens"] - 1) // seq_len) for s in self._shards],
-                                 dtype=np.int64)
-        self.batches_per_epoch = self._batches_per_epoch()
-        self.epoch, self.batch_in_epoch = 0, 0
-        self._plan_epoch: int | None = None
-        self._window_orders: dict[int, np.ndarray] = {}
-        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
-
-    def _batches_per_epoch(self) -> int:
-        # Every rank gets at least floor(S / dp) shards, so at least the windows of the
-        # floor(S / dp) smallest shards, whatever the epoch's permutation.
-        n_shards = len(self._shards)
-        per_rank = n_shards // self.dp_size
-        batches = int(np.sort(self._windows)[:per_rank].sum()) // self.batch_size
-        if batches == 0:
-            where = f"split {self.split!r} of {self.data_dir}"
-            if per_rank == 0:
-                raise ValueError(f"{where} has {n_shards} shards, fewer than dp_size {self.dp_size}; "
-                                 f"prepare it with smaller --shard-tokens or use fewer dp ranks")
-            raise ValueError(f"{where} is too small: a rank's {per_rank} shards hold fewer than "
-                             f"batch_size {self.batch_size} windows of seq_len + 1 = "
-                             f"{self.seq_len + 1} tokens")
-        return batches
+        self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
+        kw = dict(seq_len=seq_len, batch_size=batch_size, split=split, dp_rank=dp_rank,
+                  dp_size=dp_size, deal=deal, on_bad_shard=on_bad_shard)
+        if isinstance(data, (str, os.PathLike)):
+            self.mix = None
+            sources = [ShardWindows(data, seed=seed, **kw)]
+            schedule = None
+        else:
+            self.mix = parse_mix(data)
+            sources = [ShardWindows(path, seed=_mix_seed(seed, d), **kw)
+                       for d, (path, _) in enumerate(self.mix)]
+            first = sources[0]
+            for s in sources[1:]:
+                if s.manifest["tokenizer_sha256"] != first.manifest["tokenizer_sha256"]:
+                    raise ValueError(
+                        f"data.mix: {s.data_dir} was tokenised with tokenizer "
+                        f"{s.manifest['tokenizer_sha256'][:12]}, {first.data_dir} with "
+                        f"{first.manifest['tokenizer_sha256'][:12]}; prepare every mixed dataset with "
+                        f"one tokenizer (python -m launch.prepare_data --tokenizer "
+                        f"{first.data_dir / first.manifest['tokenizer']} ...)")
+            schedule = MixSchedule([w for _, w in self.mix], seed)
+        self._sources = sources
+        self._assemble = BatchAssembler(sources, schedule, batch_size)
+        self.data_dir = sources[0].data_dir
+        self.manifest = sources[0].manifest
+        self.batches_per_epoch = sources[0].windows_per_epoch // batch_size if self.mix is None else None
+        self.bad_shards: list[str] = []  # shards skipped so far (on_bad_shard="skip")
+        self.position = 0  # the next batch's index g
+        self._workers = None
 
     # -- properties from the manifest --
+
+    @property
+    def manifest_sha256(self):
+        """Of the manifest; for a mix, the list of each dataset's."""
+        shas = [s.manifest_sha256 for s in self._sources]
+        return shas[0] if self.mix is None else shas
 
     @property
     def vocab_size(self) -> int:
@@ -109,88 +193,91 @@ class TokenLoader:
         return self.manifest["tokenizer_sha256"]
 
     @property
-    def tokens_per_epoch(self) -> int:
-        """Input tokens this rank yields per epoch."""
-        return self.batches_per_epoch * self.batch_size * self.seq_len
+    def tokens_per_epoch(self) -> int | None:
+        """Input tokens this rank yields per epoch (None for a mix: each dataset has its own)."""
+        return None if self.mix is not None else self.batches_per_epoch * self.batch_size * self.seq_len
 
-    # -- where a window lives --
+    @property
+    def epoch(self) -> int | None:
+        return None if self.mix is not None else self.position // self.batches_per_epoch
 
-    def _plan(self, epoch: int) -> None:
-        """This rank's shards for the epoch and the cumulative window counts over them."""
-        if self._plan_epoch == epoch:
-            return
-        order = _rng(self.seed, epoch).permutation(len(self._shards))
-        self._my_shards = order[self.dp_rank::self.dp_size]
-        self._first_window = np.concatenate([[0], np.cumsum(self._windows[self._my_shards])])
-        self._window_orders.clear()
-        self._plan_epoch = epoch
+    @property
+    def batch_in_epoch(self) -> int | None:
+        return None if self.mix is not None else self.position % self.batches_per_epoch
 
-    def _window_order(self, epoch: int, shard: int) -> np.ndarray:
-        if shard not in self._window_orders:
-            if len(self._window_orders) >= 8:  # only the current shard's order is needed
-                self._window_orders.clear()
-            self._window_orders[shard] = _rng(self.seed, epoch, shard).permutation(
-                int(self._windows[shard]))
-        return self._window_orders[shard]
+    @property
+    def skipped_shards(self) -> int:
+        """How many distinct shards were found bad and skipped (for the logs)."""
+        return len(self.bad_shards)
 
-    def _shard_tokens(self, shard: int) -> np.ndarray:
-        if shard in self._cache:
-            self._cache.move_to_end(shard)
-            return self._cache[shard]
-        entry = self._shards[shard]
-        tokens = read_shard(self.data_dir / entry["file"], entry["sha256"], self._dtype,
-                            entry["tokens"])
-        self._cache[shard] = tokens
-        if len(self._cache) > _CACHED_SHARDS:
-            self._cache.popitem(last=False)
-        return tokens
-
-    def _batch(self, epoch: int, batch: int) -> dict[str, torch.Tensor]:
-        self._plan(epoch)
-        L, eos = self.seq_len, self.eos_id
-        windows = np.empty((self.batch_size, L + 1), dtype=np.int64)
-        doc_start = np.empty((self.batch_size, L), dtype=bool)
-        for row, j in enumerate(range(batch * self.batch_size, (batch + 1) * self.batch_size)):
-            k = int(np.searchsorted(self._first_window, j, side="right")) - 1
-            shard = int(self._my_shards[k])
-            start = int(self._window_order(epoch, shard)[j - self._first_window[k]]) * L
-            tokens = self._shard_tokens(shard)
-            windows[row] = tokens[start:start + L + 1]
-            doc_start[row, 0] = (tokens[start - 1] == eos) if start > 0 else \
-                self._shards[shard]["starts_document"]
-            doc_start[row, 1:] = windows[row, :L - 1] == eos
-        windows_t = torch.from_numpy(windows)
-        return {"input_ids": windows_t[:, :-1].contiguous(), "labels": windows_t[:, 1:].contiguous(),
-                "doc_start": torch.from_numpy(doc_start)}
-
-    # -- iteration and resume --
+    # -- iteration --
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        out = self._batch(self.epoch, self.batch_in_epoch)
-        self.batch_in_epoch += 1
-        if self.batch_in_epoch == self.batches_per_epoch:
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        return out
+        if self.num_workers == 0:
+            windows, doc_start, new_bad = self._assemble(self.position)
+        else:
+            if self._workers is None:
+                self._workers = iter(DataLoader(
+                    _WorkerBatches(self._assemble, self.position), batch_size=None,
+                    num_workers=self.num_workers, prefetch_factor=self.prefetch_factor))
+            windows, doc_start, new_bad = next(self._workers)
+            if windows is None:
+                self.close()
+                raise ShardError(new_bad[0])
+        for name in new_bad:
+            if name not in self.bad_shards:
+                self.bad_shards.append(name)
+                print(f"data: skipping bad shard {name} (on_bad_shard=skip)", file=sys.stderr, flush=True)
+        self.position += 1
+        return _as_batch(windows, doc_start, self.pin_memory)
+
+    def seek(self, position: int) -> None:
+        """Make batch `position` the next one (restarting workers if any)."""
+        self.close()
+        self.position = position
+
+    def close(self) -> None:
+        """Stop the worker processes (they restart on the next batch)."""
+        self._workers = None  # the DataLoader iterator shuts its workers down when dropped
+
+    # -- resume --
 
     def state_dict(self) -> dict:
-        """Position of the next batch, and what it is only valid with."""
-        return {"epoch": self.epoch, "batch": self.batch_in_epoch, "seed": self.seed,
-                "split": self.split, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
-                "seq_len": self.seq_len, "batch_size": self.batch_size,
-                "manifest_sha256": self.manifest_sha256}
+        """Position of the next batch, and what it is only valid with. num_workers is not part
+        of it: any number of workers continues the same sequence."""
+        state = {"position": self.position, "seed": self.seed, "split": self.split,
+                 "dp_rank": self.dp_rank, "dp_size": self.dp_size, "seq_len": self.seq_len,
+                 "batch_size": self.batch_size, "manifest_sha256": self.manifest_sha256,
+                 "bad_shards": list(self.bad_shards)}
+        if self.mix is None:
+            state.update(epoch=self.epoch, batch=self.batch_in_epoch)
+        else:
+            state["mix_weights"] = [w for _, w in self.mix]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         # dp_rank may differ: all ranks hold the same position, so any rank's state will do.
-        for key in ("seq_len", "batch_size", "dp_size", "seed", "split", "manifest_sha256"):
-            if state.get(key) != getattr(self, key):
+        keys = ["seq_len", "batch_size", "dp_size", "seed", "split", "manifest_sha256"]
+        if self.mix is not None:
+            keys.append("mix_weights")
+        ours = self.state_dict()
+        for key in keys:
+            if state.get(key) != ours[key]:
                 what = "the data directory's manifest.json changed since" if key == "manifest_sha256" \
-                    else f"{key} is {getattr(self, key)!r} now, {state.get(key)!r} in"
+                    else f"{key} is {ours[key]!r} now, {state.get(key)!r} in"
                 raise ValueError(f"cannot resume the data loader: {what} the saved state")
-        epoch, batch = int(state["epoch"]), int(state["batch"])
-        if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
-            raise ValueError(f"cannot resume the data loader: position epoch {epoch} batch {batch} "
-                             f"is outside an epoch of {self.batches_per_epoch} batches")
-        self.epoch, self.batch_in_epoch = epoch, batch
+        if "position" in state:
+            position = int(state["position"])
+        else:  # a state saved before positions were recorded
+            epoch, batch = int(state["epoch"]), int(state["batch"])
+            if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
+                raise ValueError(f"cannot resume the data loader: position epoch {epoch} batch {batch} "
+                                 f"is outside an epoch of {self.batches_per_epoch} batches")
+            position = epoch * self.batches_per_epoch + batch
+        if position < 0:
+            raise ValueError(f"cannot resume the data loader: position {position} is negative")
+        self.seek(position)
+        self.bad_shards = list(state.get("bad_shards", []))
