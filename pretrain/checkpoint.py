@@ -64,7 +64,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(engine, run_dir: str | Path, step: int, trainer_state: dict, rank_state: dict,
-                    keep_last: int = 3) -> Path:
+                    keep_last: int = 3, keep_every: int = 0) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     root = Path(run_dir) / "checkpoints"
     tag = tag_for_step(step)
@@ -87,16 +87,20 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, trainer_state: dict,
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_atomic(root / "latest", tag)
-        _prune(root, keep_last)
+        _prune(root, keep_last, keep_every)
     _barrier()
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, keep_every: int = 0) -> None:
+    """Keep the newest `keep_last` complete checkpoints and every one whose step is a multiple of
+    `keep_every` (0: none); delete the rest."""
     if keep_last <= 0:
         return
     done = sorted(p for p in root.glob("step_*") if (p / "manifest.json").is_file())
     for old in done[:-keep_last]:
+        if keep_every > 0 and int(old.name.split("_")[1]) % keep_every == 0:
+            continue
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -153,3 +157,291 @@ def load_checkpoint(engine, ckpt: str | Path) -> tuple[dict, dict]:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {ckpt}")
     rank_state = torch.load(ckpt / f"rank_{rank:05d}.pt", weights_only=True)
     return read_trainer_state(ckpt), rank_state
+
+
+# ----------------------------------------------------------------------------- topology change
+#
+# A checkpoint is resharded through one topology-free form, the *full state*: every parameter's
+# whole fp32 master weight and AdamW moments (ZeRO partitions concatenated, tensor-parallel shards
+# reassembled by their `shard_spec`), the AdamW step, the LR schedule and DeepSpeed's counters.
+# `python -m launch.convert_checkpoint` writes it as a checkpoint of its own (FULL_STATE file);
+# resuming at another dp / sp / tp builds it on the fly and cuts this rank's pieces out of it.
+
+FULL_STATE = "full_state.pt"
+FULL_STATE_FORMAT = "recurrent-pretrain/full-state/1"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _allow_deepspeed_globals() -> None:
+    """The few DeepSpeed classes its optimizer files pickle, so they load with weights_only=True."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    torch.serialization.add_safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
+
+
+def load_deepspeed_file(path: Path) -> dict:
+    _allow_deepspeed_globals()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def shard_specs(module: torch.nn.Module) -> dict:
+    """{parameter name: [dim, shape, axis]} of every tensor-parallel parameter (for the trainer state)."""
+    return {name: [p.shard_spec[0], list(p.shard_spec[1]) if p.shard_spec[1] else None, p.shard_spec[2]]
+            for name, p in module.named_parameters() if hasattr(p, "shard_spec")}
+
+
+def merge_shards(shards: list[torch.Tensor], spec) -> torch.Tensor:
+    """Inverse of parallel.tensor_parallel.shard_tensor: the full tensor from every tp rank's shard."""
+    dim, shape, axis = spec
+    n = len(shards)
+    dim = dim % shards[0].dim()
+    shape = (shards[0].shape[dim] * n,) if shape is None else tuple(shape)
+    local = list(shape)
+    local[axis] //= n
+    lead, tail = shards[0].shape[:dim], shards[0].shape[dim + 1:]
+    parts = [s.reshape(lead + tuple(local) + tail) for s in shards]
+    return torch.cat(parts, dim=dim + axis).reshape(lead + (-1,) + tail)
+
+
+def cut_shard(full: torch.Tensor, spec, rank: int, n: int) -> torch.Tensor:
+    """This tp rank's shard of `full` (the same cut as parallel.tensor_parallel.shard_tensor)."""
+    dim, shape, axis = spec
+    dim = dim % full.dim()
+    shape = (full.shape[dim],) if shape is None else tuple(shape)
+    x = full.reshape(full.shape[:dim] + shape + full.shape[dim + 1:]).chunk(n, dim=dim + axis)[rank]
+    return x.reshape(full.shape[:dim] + (-1,) + full.shape[dim + 1:])
+
+
+def _zero_partitions(ckpt: Path, tp_rank: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Whole (tp-local) fp32 weight and moments of every parameter from the ZeRO-1/2 files of one
+    tp rank: each parameter's fragments, taken from the dp partitions in rank order."""
+    files = sorted(ckpt.glob(f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt"),
+                   key=lambda f: int(f.name.split("_")[3]))
+    shapes = load_deepspeed_file(ckpt / f"mp_rank_{tp_rank:02d}_model_states.pt")["param_shapes"]
+    pieces: dict[str, dict[str, list]] = {}
+    step = None
+    for f in files:
+        osd = load_deepspeed_file(f)["optimizer_state_dict"]
+        if int(osd["zero_stage"]) not in (1, 2):
+            raise ValueError(f"{f} is ZeRO stage {int(osd['zero_stage'])}; only stages 1 and 2 can be resharded")
+        for g, mapping in enumerate(osd["param_slice_mappings"]):
+            flat = {"fp32": osd["single_partition_of_fp32_groups"][g]}
+            state = osd["base_optimizer_state"]["state"].get(g, {})
+            flat.update({k: state[k] for k in MOMENTS if k in state})
+            if "step" in state:
+                step = int(state["step"])
+            for name, frag in mapping.items():
+                for key, tensor in flat.items():
+                    pieces.setdefault(name, {}).setdefault(key, []).append(tensor.narrow(0, frag.start, frag.numel))
+    out = {}
+    for group in shapes:
+        for name, shape in group.items():
+            out[name] = {key: torch.cat(parts).reshape(shape).float() for key, parts in pieces[name].items()}
+    out["__step__"] = step
+    return out
+
+
+def full_state(ckpt: str | Path) -> dict:
+    """The topology-free form of a checkpoint (see the section comment); a converted checkpoint
+    is read as it is."""
+    ckpt = Path(ckpt)
+    if (ckpt / FULL_STATE).is_file():
+        return torch.load(ckpt / FULL_STATE, map_location="cpu", weights_only=True, mmap=True)
+    trainer = read_trainer_state(ckpt)
+    topo = trainer.get("topology") or {"tp": 1}
+    stage = trainer.get("config", {}).get("parallel", {}).get("zero_stage", 1)
+    if stage not in (1, 2):
+        raise ValueError(f"{ckpt} was written with parallel.zero_stage={stage}; only ZeRO stage 1 or 2 "
+                         f"checkpoints can be converted to another topology")
+    tp = topo.get("tp", 1)
+    specs = trainer.get("shard_specs")
+    if tp > 1 and specs is None:
+        raise ValueError(f"{ckpt} (tp={tp}) does not record its shard_specs; it was written by an older version")
+    per_tp = [_zero_partitions(ckpt, t) for t in range(tp)]
+    step = per_tp[0].pop("__step__")
+    for part in per_tp[1:]:
+        part.pop("__step__")
+    params = {}
+    for name, first in per_tp[0].items():
+        if tp > 1 and name in specs:
+            params[name] = {k: merge_shards([part[name][k] for part in per_tp], specs[name]) for k in first}
+        else:  # replicated over tp: every rank holds the same values
+            params[name] = first
+    model_states = load_deepspeed_file(ckpt / "mp_rank_00_model_states.pt")
+    return {"format": FULL_STATE_FORMAT, "params": params, "adam_step": step,
+            "lr_scheduler": model_states.get("lr_scheduler"),
+            "counters": {k: model_states.get(k, 0) for k in ("global_steps", "global_samples", "skipped_steps")}}
+
+
+def convert_to_full(ckpt: str | Path, out: str | Path) -> Path:
+    """Write `ckpt` as a topology-free checkpoint directory `out` (atomically, with a manifest);
+    it resumes at any dp / sp / tp (train.resume=<out>) and exports like any checkpoint."""
+    ckpt, out = Path(ckpt), Path(out)
+    state = full_state(ckpt)
+    trainer = read_trainer_state(ckpt)
+    trainer["layout"] = "full"
+    trainer.pop("shard_specs", None)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state, tmp / FULL_STATE)
+    # Every rank's data-loader position is the same; rank 0's RNG stands for all ranks.
+    shutil.copyfile(ckpt / "rank_00000.pt", tmp / "rank_00000.pt")
+    _write_atomic(tmp / "trainer_state.json", json.dumps(trainer, indent=1))
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    _write_atomic(tmp / "manifest.json", json.dumps({"tag": out.name, "step": trainer["step"], "files": files}, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def needs_reshard(trainer_state: dict, dims) -> bool:
+    now = {"dp": dims.dp, "sp": dims.sp, "tp": dims.tp}
+    return trainer_state.get("layout") == "full" or trainer_state.get("topology") != now
+
+
+def load_resharded(engine, ckpt: str | Path, dims) -> tuple[dict, dict]:
+    """Collective: load a checkpoint written at another topology (or a converted one) into a ZeRO-1/2
+    engine: rank 0 builds the full state once, every rank copies its tp shard's ZeRO fragment of
+    each weight and moment into place; then the schedule and counters. Returns (trainer, rank) state."""
+    ckpt = Path(ckpt)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    source = ckpt
+    if not (ckpt / FULL_STATE).is_file():
+        source = ckpt.parent / TMP / (ckpt.name + ".full")
+        if rank == 0:
+            shutil.rmtree(source, ignore_errors=True)
+            source.mkdir(parents=True)
+            torch.save(full_state(ckpt), source / FULL_STATE)
+        _barrier()
+    state = torch.load(source / FULL_STATE, map_location="cpu", weights_only=True, mmap=True)
+    _load_full_state(engine, state, dims)
+    del state
+    _barrier()
+    if rank == 0 and source != ckpt:
+        shutil.rmtree(source, ignore_errors=True)
+    own = ckpt / f"rank_{rank:05d}.pt"
+    rank_state = torch.load(own if own.is_file() else ckpt / "rank_00000.pt", weights_only=True)
+    return read_trainer_state(ckpt), rank_state
+
+
+@torch.no_grad()
+def _load_full_state(engine, state: dict, dims) -> None:
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    opt = engine.optimizer
+    if not isinstance(opt, DeepSpeedZeroOptimizer):
+        raise ValueError("resuming at another topology needs parallel.zero_stage 1 or 2")
+    inner = opt.optimizer
+    params = state["params"]
+    group_of = {id(p): g for g, group in enumerate(opt.bit16_groups) for p in group}
+    flats = {}
+    for g, fp32 in enumerate(opt.single_partition_of_fp32_groups):
+        st = inner.state.setdefault(fp32, {})
+        st["step"] = torch.tensor(float(state["adam_step"] or 0))
+        for key in MOMENTS:
+            st[key] = torch.zeros_like(fp32)
+        flats[g] = {"fp32": fp32, **{k: st[k] for k in MOMENTS}}
+    for name, p in engine.module.named_parameters():
+        if name not in params:
+            raise ValueError(f"the checkpoint has no parameter {name}")
+        full = params[name]
+        spec = getattr(p, "shard_spec", None)
+        local = {k: (cut_shard(v, spec, dims.tp_rank, dims.tp) if spec is not None and dims.tp > 1 else v)
+                 for k, v in full.items()}
+        if tuple(local["fp32"].shape) != tuple(p.shape):
+            raise ValueError(f"{name}: checkpoint shape {tuple(local['fp32'].shape)} vs model {tuple(p.shape)}")
+        p.copy_(local["fp32"].to(p.dtype))  # the module (bit16) copy every rank holds
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:  # none of this parameter lies in this rank's ZeRO partition
+            continue
+        lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+        for key, flat in flats[group_of[id(p)]].items():
+            if key in local:
+                flat.narrow(0, hp.start, hp.numel).copy_(local[key].flatten().narrow(0, lp.start, lp.numel))
+    if state.get("lr_scheduler") is not None and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        for group, lr in zip(inner.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+    counters = state.get("counters", {})
+    engine.global_steps = counters.get("global_steps", 0)
+    engine.global_samples = counters.get("global_samples", 0)
+    engine.skipped_steps = counters.get("skipped_steps", 0)
+
+
+# ----------------------------------------------------------------------------- data position on a dp change
+#
+# The token stream is laid out for one dp size and micro-batch size (the loader state records
+# both): step s's global batch is, for every *data rank* r of that layout in order, the next k
+# micro-batches of r's stream. After a dp change that layout is kept: each new dp rank reads the
+# data ranks whose rows it needs and takes its contiguous slice of the global batch. So the run
+# sees exactly the tokens, step by step, it would have seen at the old size, as long as the new
+# global batch (dp x grad_accum x micro_batch_size rows) is a multiple of the layout's dp x
+# micro_batch_size; otherwise resuming is refused with that rule in the message.
+
+
+class RegroupedLoader:
+    """This dp rank's micro-batches of a token stream laid out for another dp size (see above)."""
+
+    def __init__(self, template, state: dict, grad_accum: int):
+        from data.loader import TokenLoader
+
+        data_dp, data_mbs = int(state["dp_size"]), int(state["batch_size"])
+        mbs, dp = template.batch_size, template.dp_size
+        rows = dp * grad_accum * mbs
+        if rows % (data_dp * data_mbs):
+            raise ValueError(f"the data were laid out for dp={data_dp} x micro_batch_size={data_mbs}; the global "
+                             f"batch of dp={dp} x grad_accum={grad_accum} x micro_batch_size={mbs} = {rows} rows "
+                             f"must be a multiple of {data_dp * data_mbs} to continue the same stream")
+        self.k = rows // (data_dp * data_mbs)  # micro-batches each data rank contributes per step
+        self.grad_accum, self.mbs = grad_accum, mbs
+        per_source = self.k * data_mbs
+        lo = template.dp_rank * grad_accum * mbs
+        first, last = lo // per_source, (lo + grad_accum * mbs - 1) // per_source
+        self.offset = lo - first * per_source
+        self.sources = []
+        data = [(str(path), w) for path, w in template.mix] if template.mix is not None else template.data_dir
+        for r in range(first, last + 1):
+            src = TokenLoader(data, template.seq_len, data_mbs, template.split, r, data_dp, template.seed,
+                              on_bad_shard=template._sources[0].on_bad_shard, num_workers=template.num_workers,
+                              pin_memory=template.pin_memory, prefetch_factor=template.prefetch_factor)
+            src.load_state_dict(state)
+            self.sources.append(src)
+        self._queue: list[dict] = []
+
+    def __getattr__(self, name):  # tokenizer_checksum, vocab_size, close(), ... of the stream
+        if name == "sources":
+            raise AttributeError(name)
+        return getattr(self.sources[0], name)
+
+    @property
+    def skipped_shards(self) -> int:
+        return len({s for src in self.sources for s in src.bad_shards})
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if not self._queue:
+            batches = [next(src) for src in self.sources for _ in range(self.k)]
+            rows = {key: torch.cat([b[key] for b in batches])[self.offset:self.offset + self.grad_accum * self.mbs]
+                    for key in batches[0]}
+            self._queue = [{key: v[i * self.mbs:(i + 1) * self.mbs] for key, v in rows.items()}
+                           for i in range(self.grad_accum)]
+        return self._queue.pop(0)
+
+    def state_dict(self) -> dict:
+        """The position in the original layout (all data ranks are at the same one)."""
+        return self.sources[0].state_dict()
+
+
+def resume_loader(loader, state: dict, grad_accum: int):
+    """`loader` positioned at `state`, or, when the state's dp size / micro-batch size differ from
+    the loader's, a RegroupedLoader continuing the saved layout (raises ValueError when it cannot)."""
+    if state.get("dp_size") == loader.dp_size and state.get("batch_size") == loader.batch_size:
+        loader.load_state_dict(state)
+        return loader
+    return RegroupedLoader(loader, state, grad_accum)

@@ -82,10 +82,22 @@ class ModelConfig:
 
 
 @dataclass
+class MixEntry:
+    path: str
+    weight: float
+
+
+@dataclass
 class DataConfig:
     path: str = "runs/data/smoke"   # a directory written by `python -m launch.prepare_data`
+    # Several directories mixed by weight, "path:weight" or {path, weight}; replaces path when set.
+    mix: list[str | MixEntry] = field(default_factory=list)
     seq_len: int = 256
     seed: int = 1234
+    num_workers: int = 0            # batch-assembling processes per rank; 0 = in the trainer
+    pin_memory: bool = False
+    prefetch_factor: int = 2        # batches each worker keeps ready
+    on_bad_shard: Literal["error", "skip"] = "error"  # skip: serve other windows, count it
 
 
 @dataclass
@@ -116,9 +128,12 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     save_every: int = 100
     keep_last: int = 3
+    keep_every: int = 0           # also keep every checkpoint whose step is a multiple of this (0: none)
     resume: str = "auto"          # auto (newest complete checkpoint if any) | none | a checkpoint dir
     peak_tflops: Optional[float] = None  # device peak for MFU; None = known GPUs only
     activation_checkpointing: bool = False  # recompute each block in backward (less memory)
+    eval_every: int = 0           # steps between val_loss evaluations on the "val" split; 0 = never
+    eval_batches: int = 10        # micro-batches per evaluation
 
 
 @dataclass
@@ -280,6 +295,12 @@ def validate(cfg: Config) -> Config:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    for key, value in {"data.num_workers": cfg.data.num_workers, "train.eval_every": cfg.train.eval_every}.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.data.prefetch_factor < 1 or cfg.train.eval_batches < 1:
+        raise ConfigError(f"data.prefetch_factor and train.eval_batches must be >= 1, got "
+                          f"{cfg.data.prefetch_factor} and {cfg.train.eval_batches}")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be one of 0, 1, 2, 3, got {cfg.parallel.zero_stage}")
     if cfg.train.stop_at < 0 or cfg.train.stop_at > cfg.train.max_steps:

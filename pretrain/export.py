@@ -1,7 +1,9 @@
 """Export a checkpoint to `model.safetensors` + `config.json` + `tokenizer.model`, and load it back.
 
-ZeRO partitions are consolidated into full fp32 weights with DeepSpeed's own zero_to_fp32
-reader; a checkpoint written without ZeRO holds the full weights in its model-states file.
+ZeRO-1/2 partitions and tensor-parallel shards are consolidated into full fp32 weights by
+pretrain.checkpoint.full_state (the same path a topology change takes), ZeRO-3 partitions by
+DeepSpeed's zero_to_fp32 reader; a checkpoint written without ZeRO holds the weights (tp shards)
+in its model-states files. Our readers load every file with weights_only=True.
 """
 from __future__ import annotations
 
@@ -35,13 +37,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of the model saved in `ckpt`, whatever the ZeRO stage."""
-    if list(ckpt.glob("*optim_states.pt")):
+    """Full fp32 weights of the model saved in `ckpt`, whatever the ZeRO stage and tp degree:
+    ZeRO-1/2 partitions and tensor-parallel shards through checkpoint.full_state (the fp32 master
+    weights), ZeRO-3 through DeepSpeed's zero_to_fp32 (tp=1 only), no ZeRO from the model-states
+    files (shards merged by the shard_spec recorded in trainer_state.json)."""
+    trainer_state = ckpt_lib.read_trainer_state(ckpt)
+    stage = trainer_state.get("config", {}).get("parallel", {}).get("zero_stage", 1)
+    if (ckpt / ckpt_lib.FULL_STATE).is_file() or (stage in (1, 2) and list(ckpt.glob("*optim_states.pt"))):
+        state = {name: v["fp32"] for name, v in ckpt_lib.full_state(ckpt)["params"].items()}
+    elif list(ckpt.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     else:
-        state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        tp = trainer_state.get("topology", {}).get("tp", 1)
+        specs = trainer_state.get("shard_specs", {})
+        per_tp = [ckpt_lib.load_deepspeed_file(ckpt / f"mp_rank_{t:02d}_model_states.pt")["module"] for t in range(tp)]
+        state = {name: ckpt_lib.merge_shards([m[name] for m in per_tp], specs[name]) if name in specs and tp > 1
+                 else v for name, v in per_tp[0].items()}
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
@@ -56,9 +69,9 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32") -> 
     trainer_state = ckpt_lib.read_trainer_state(ckpt)
     model_cfg = trainer_state["config"]["model"]
     topology = trainer_state.get("topology", {})
-    if topology.get("tp", 1) > 1:
-        raise ConfigError(f"{ckpt} was written with parallel.tp={topology['tp']}; exporting tensor-parallel "
-                          f"checkpoints (gathering the shards) is not implemented yet - train or resume with tp=1")
+    if topology.get("tp", 1) > 1 and "shard_specs" not in trainer_state and trainer_state.get("layout") != "full":
+        raise ConfigError(f"{ckpt} (parallel.tp={topology['tp']}) does not record how its weights are sharded "
+                          f"(an older checkpoint); resume it for one step with this version to re-save it")
     tokenizer = Path(trainer_state["config"]["data"]["path"]) / "tokenizer.model"
     if not tokenizer.is_file():
         raise ConfigError(f"the tokenizer {tokenizer} recorded by the checkpoint is missing; "

@@ -141,9 +141,43 @@ def check_resume_compatible(cfg: Config, state: dict, tokenizer_checksum: str, d
         raise ConfigError("cannot resume: the data's tokenizer differs from the checkpoint's "
                           f"({state.get('tokenizer_checksum', '?')[:12]} vs {tokenizer_checksum[:12]})")
     now = {"dp": dims.dp, "sp": dims.sp, "tp": dims.tp}
-    if state.get("topology") != now:
-        raise ConfigError(f"cannot resume: the checkpoint was written with {state.get('topology')}, this run has "
-                          f"{now}; resuming at another topology is not supported yet")
+    if state.get("layout") == "full" or state.get("topology") != now:  # resharded on load
+        stages = {state["config"]["parallel"]["zero_stage"], cfg.parallel.zero_stage}
+        if stages - {1, 2}:
+            raise ConfigError(f"cannot resume: the checkpoint was written with {state.get('topology')}, this run has "
+                              f"{now}; another topology needs parallel.zero_stage 1 or 2 in both runs "
+                              f"(checkpoint {state['config']['parallel']['zero_stage']}, this run {cfg.parallel.zero_stage})")
+
+
+def build_loader(cfg: Config, dims: ParallelDims, split: str = "train") -> TokenLoader:
+    """This dp rank's batches of data.path, or of the data.mix datasets mixed by weight."""
+    d = cfg.data
+    source = [e if isinstance(e, str) else (e.path, e.weight) for e in d.mix] if d.mix else d.path
+    try:
+        return TokenLoader(source, seq_len=d.seq_len, batch_size=cfg.train.micro_batch_size, split=split,
+                           dp_rank=dims.dp_rank, dp_size=dims.dp, seed=d.seed, on_bad_shard=d.on_bad_shard,
+                           num_workers=d.num_workers if split == "train" else 0, pin_memory=d.pin_memory,
+                           prefetch_factor=d.prefetch_factor)
+    except ValueError as exc:  # too few shards for the ranks, too little data for a batch, ...
+        where = f"data.mix={d.mix}" if d.mix else f"data.path={d.path}"
+        raise ConfigError(f"{where} ({split} split): {exc}") from None
+
+
+@torch.no_grad()
+def evaluate(engine, val_loader: TokenLoader, n_batches: int, dims: ParallelDims, device) -> float:
+    """Mean loss over the first n_batches of the val split (the same batches every time), reduced
+    over dp like the training loss."""
+    engine.eval()
+    val_loader.seek(0)
+    total = torch.zeros((), device=device)
+    for _ in range(n_batches):
+        batch = sequence_slice({k: v.to(device, non_blocking=True) for k, v in next(val_loader).items()}, dims)
+        total += engine(batch["input_ids"], labels=batch["labels"], doc_start=batch["doc_start"]).float() / n_batches
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total, group=dims.dp_sp_group)
+        total /= dims.dp
+    engine.train()
+    return total.item()
 
 
 def _quiet_deepspeed():
@@ -177,14 +211,11 @@ def train(cfg: Config) -> dict:
 
     # Data first: a missing or mismatched dataset fails before anything is written. sp and tp
     # ranks of one dp rank read the same batches (and slice the sequence for sp).
-    try:
-        loader = TokenLoader(cfg.data.path, seq_len=cfg.data.seq_len, batch_size=t.micro_batch_size,
-                             dp_rank=dims.dp_rank, dp_size=dims.dp, seed=cfg.data.seed)
-    except ValueError as exc:  # too few shards for the ranks, too little data for a batch, ...
-        raise ConfigError(f"data.path={cfg.data.path}: {exc}") from None
+    loader = build_loader(cfg, dims)
+    val_loader = build_loader(cfg, dims, "val") if t.eval_every else None
     if cfg.model.vocab_size < loader.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                          f"({loader.vocab_size}) in {cfg.data.path}; set model.vocab_size>={loader.vocab_size}")
+                          f"({loader.vocab_size}) in {loader.data_dir}; set model.vocab_size>={loader.vocab_size}")
 
     run_dir = Path(t.run_dir)
     resume_from = None
@@ -219,10 +250,13 @@ def train(cfg: Config) -> dict:
 
     step, tokens_seen, skipped = 0, 0, 0
     if resume_from is not None:
-        trainer_state, rank_state = ckpt_lib.load_checkpoint(engine, resume_from)
+        if ckpt_lib.needs_reshard(ckpt_lib.read_trainer_state(resume_from), dims):
+            trainer_state, rank_state = ckpt_lib.load_resharded(engine, resume_from, dims)
+        else:
+            trainer_state, rank_state = ckpt_lib.load_checkpoint(engine, resume_from)
         step, tokens_seen, skipped = trainer_state["step"], trainer_state["tokens"], trainer_state["skipped_steps"]
         try:
-            loader.load_state_dict(rank_state["loader"])
+            loader = ckpt_lib.resume_loader(loader, rank_state["loader"], t.grad_accum)
         except ValueError as exc:
             raise ConfigError(f"cannot resume from {resume_from}: {exc}") from None
         ckpt_lib.set_rng_state(rank_state["rng"])
@@ -247,9 +281,11 @@ def train(cfg: Config) -> dict:
     def save(at_step: int) -> Path:
         trainer_state = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
                          "config": to_dict(cfg), "tokenizer_checksum": loader.tokenizer_checksum,
-                         "world_size": world, "topology": {"dp": dims.dp, "sp": dims.sp, "tp": dims.tp}}
+                         "world_size": world, "topology": {"dp": dims.dp, "sp": dims.sp, "tp": dims.tp},
+                         "shard_specs": ckpt_lib.shard_specs(engine.module)}
         rank_state = {"rng": ckpt_lib.rng_state(), "loader": loader.state_dict()}
-        return ckpt_lib.save_checkpoint(engine, run_dir, at_step, trainer_state, rank_state, t.keep_last)
+        return ckpt_lib.save_checkpoint(engine, run_dir, at_step, trainer_state, rank_state, t.keep_last,
+                                        t.keep_every)
 
     pbar = tqdm(total=end_step, initial=step, unit="step", dynamic_ncols=True, smoothing=0.1,
                 disable=not (rank == 0 and cfg.logging.progress))
@@ -307,11 +343,19 @@ def train(cfg: Config) -> dict:
                 record["newton_residual_max"] = max(residuals.values())
                 record["newton_unconverged"] = unconverged
                 record.update({f"newton_residual/{k}": v for k, v in residuals.items()})
+            if loader.skipped_shards:
+                record["skipped_shards"] = loader.skipped_shards
             metrics.log(record)
             pbar.set_postfix_str(f"loss {record['loss']:.3f} | {tok_s:,.0f} tok/s"
                                  + (f" | MFU {mfu:.1%}" if mfu is not None else " | MFU n/a (CPU)")
                                  + (f" | skipped {skipped}" if skipped else ""), refresh=False)
             window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
+
+        if t.eval_every and step % t.eval_every == 0:
+            val_loss = evaluate(engine, val_loader, t.eval_batches, dims, device)
+            metrics.log({"step": step, "val_loss": val_loss})
+            if rank == 0:
+                pbar.write(f"step {step}: val_loss {val_loss:.4f}")
 
         preempted = preempt.any_rank(device)
         if step % t.save_every == 0 or step == end_step or preempted:

@@ -77,6 +77,29 @@ def test_keep_last_prunes_old_checkpoints(engine, tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000004"]
 
 
+def test_keep_every_keeps_multiples_beside_the_last_k(engine, tmp_path):
+    for step in range(1, 8):
+        ckpt_lib.save_checkpoint(engine, tmp_path, step, {"step": step}, {"rng": ckpt_lib.rng_state()},
+                                 keep_last=2, keep_every=3)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == \
+        ["step_00000003", "step_00000006", "step_00000007"]
+
+
+def test_deepspeed_files_load_with_weights_only(engine, tmp_path):
+    ckpt = save(engine, tmp_path, 1)
+    for f in sorted(ckpt.glob("*.pt")):
+        assert isinstance(ckpt_lib.load_deepspeed_file(f), dict), f
+
+
+def test_merge_shards_inverts_the_tensor_parallel_cut():
+    full = torch.arange(24 * 5, dtype=torch.float32).reshape(24, 5)
+    # heads interleaved: dim 0 viewed as (2, 3, 4), axis 1 (the 3) cut over 3 ranks
+    assert torch.equal(ckpt_lib.cut_shard(full, [0, [2, 3, 4], 1], 1, 3), full.reshape(2, 3, 4, 5)[:, 1].reshape(8, 5))
+    for spec, n in (([0, None, 0], 2), ([0, [2, 3, 4], 1], 3), ([1, None, 0], 5)):
+        shards = [ckpt_lib.cut_shard(full, spec, r, n) for r in range(n)]
+        assert torch.equal(ckpt_lib.merge_shards(shards, spec), full), spec
+
+
 def test_rng_state_round_trips():
     state = ckpt_lib.rng_state()
     a = (torch.rand(3), __import__("numpy").random.rand(2).tolist(), __import__("random").random())

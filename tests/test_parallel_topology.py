@@ -5,6 +5,10 @@ groups of three layouts and checks every group's members against the rank arithm
 one DeepSpeed ZeRO-1 and one ZeRO-2 SGD step (gradient clipping active) with tp=2 x sp=2 through our mpu and
 compares the parameters with the single-process step (fp32 inside DeepSpeed: tolerance 1e-6).
 """
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -54,11 +58,21 @@ def test_rank_layout_tp_innermost_then_sp_then_dp():
 
 
 def test_world_of_one_needs_no_distributed():
-    dims = ParallelDims(dp=1, sp=1, tp=1, world_size=1).build_groups()
-    assert (dims.tp_rank, dims.sp_rank, dims.dp_rank) == (0, 0, 0)
-    assert dims.tp_group is None and dims.dp_sp_group is None
-    with pytest.raises(RuntimeError, match="call build_groups"):
-        ParallelDims(dp=1, sp=1, tp=1, world_size=1).tp_group
+    # In a fresh interpreter: other tests in this process may have initialised torch.distributed.
+    code = """
+import pytest, torch.distributed as dist
+from parallel.topology import ParallelDims
+assert not dist.is_initialized()
+dims = ParallelDims(dp=1, sp=1, tp=1, world_size=1).build_groups()
+assert (dims.tp_rank, dims.sp_rank, dims.dp_rank) == (0, 0, 0)
+assert dims.tp_group is None and dims.dp_sp_group is None
+with pytest.raises(RuntimeError, match="call build_groups"):
+    ParallelDims(dp=1, sp=1, tp=1, world_size=1).tp_group
+print("ok")
+"""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------
