@@ -14,6 +14,7 @@ pointer untouched.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -77,12 +78,15 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, trainer_state: dict,
     engine.save_checkpoint(str(tmp_root), tag=tag, save_latest=False)
     tmp = tmp_root / tag
     torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
-    _barrier()
-    final = root / tag
     if rank == 0:
         _write_atomic(tmp / "trainer_state.json", json.dumps(trainer_state, indent=1))
+    _barrier()
+    sha256 = _hash_files_collectively(tmp)
+    final = root / tag
+    if rank == 0:
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        _write_atomic(tmp / "manifest.json", json.dumps({"tag": tag, "step": step, "files": files}, indent=1))
+        _write_atomic(tmp / "manifest.json", json.dumps({"tag": tag, "step": step, "files": files,
+                                                         "sha256": sha256}, indent=1))
         if final.exists():  # re-saving the same step (e.g. stop_at == a save step): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -102,6 +106,45 @@ def _prune(root: Path, keep_last: int, keep_every: int = 0) -> None:
         if keep_every > 0 and int(old.name.split("_")[1]) % keep_every == 0:
             continue
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hash_files_collectively(ckpt: Path, names: list[str] | None = None) -> dict[str, str]:
+    """sha256 of the checkpoint's files, the work split over ranks (file i on rank i % world);
+    every rank returns the whole dict. Needs the directory on a filesystem all ranks share."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if names is None:
+        names = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
+    mine = {n: _file_sha256(ckpt / n) for i, n in enumerate(names) if i % world == rank}
+    if world == 1:
+        return mine
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in sorted(part.items())}
+
+
+def verify_checksums(ckpt: str | Path) -> None:
+    """Collective: re-hash every file the manifest lists (split over ranks) and raise a one-line
+    error naming the first file whose content differs. Checkpoints written before checksums were
+    recorded pass on sizes alone."""
+    from pretrain.config import ConfigError
+
+    ckpt = Path(ckpt)
+    recorded = json.loads((ckpt / "manifest.json").read_text()).get("sha256")
+    if not recorded:
+        return
+    actual = _hash_files_collectively(ckpt, sorted(recorded))
+    for name in sorted(recorded):
+        if actual.get(name) != recorded[name]:
+            raise ConfigError(f"checkpoint {ckpt} is damaged: {name} does not match the sha256 in its manifest; "
+                              f"resume from an older checkpoint with train.resume=<run_dir>/checkpoints/step_XXXXXXXX")
 
 
 def damage(ckpt: Path) -> str | None:

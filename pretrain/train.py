@@ -250,6 +250,7 @@ def train(cfg: Config) -> dict:
 
     step, tokens_seen, skipped = 0, 0, 0
     if resume_from is not None:
+        ckpt_lib.verify_checksums(resume_from)
         if ckpt_lib.needs_reshard(ckpt_lib.read_trainer_state(resume_from), dims):
             trainer_state, rank_state = ckpt_lib.load_resharded(engine, resume_from, dims)
         else:

@@ -135,3 +135,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_the_requeue_code(tmp_path):
     last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert state["step"] == last_logged >= 3
     assert "preempted: checkpoint saved" in out
+
+
+def test_manifest_checksums_catch_a_flipped_byte(engine, tmp_path):
+    from pretrain.config import ConfigError
+
+    ckpt = save(engine, tmp_path, 1)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert set(manifest["sha256"]) == set(manifest["files"])
+    ckpt_lib.verify_checksums(ckpt)  # intact: no error
+    shard = ckpt / "mp_rank_00_model_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    assert ckpt_lib.is_complete(ckpt)
+    with pytest.raises(ConfigError, match="mp_rank_00_model_states.pt does not match the sha256 in its manifest"):
+        ckpt_lib.verify_checksums(ckpt)
