@@ -82,7 +82,15 @@ def test_sbatch_trains_is_preempted_requeued_and_finishes_from_the_checkpoint(cl
                  f"data.path={data}", *TINY).stdout
         job = out.strip().split(";")[0]
         log = REPO / "runs" / f"slurm-{name}-{job}.out"
-        wait_for("the job to log 20 steps", lambda: len(logged_steps(run_dir)) >= 20, 180)
+        def twenty_steps():
+            state = job_state(job)
+            if state in ("FAILED", "CANCELLED", "NODE_FAIL", "BOOT_FAIL", "OUT_OF_MEMORY"):
+                reason = re.search(r"Reason=(\S+)", sh("scontrol", "show", "job", job, check=False).stdout)
+                raise AssertionError(f"job {job} ended {state} ({reason.group(1) if reason else '?'}) before "
+                                     f"training: {log.read_text()[-2000:] if log.exists() else 'no log'}")
+            return len(logged_steps(run_dir)) >= 20
+
+        wait_for("the job to log 20 steps", twenty_steps, 180)
         sh("scancel", "--signal=USR1", "--batch", job)
         wait_for("the script to requeue the job",
                  lambda: log.exists() and "requeueing job" in log.read_text(), 120)
