@@ -124,7 +124,7 @@ def sp_pararnn_kwargs(group) -> dict:
 
 
 def sp_deltaproduct(q, k, v, beta, g=None, reset=None, group=None, scale=None, initial_state=None,
-                    chunk_size=64):
+                    chunk_size=64, backend="auto"):
     """kernels.deltaproduct.deltaproduct on this rank's piece of the sequence.
 
     Shapes as deltaproduct's with T = this piece. initial_state is the state before the whole
@@ -137,7 +137,7 @@ def sp_deltaproduct(q, k, v, beta, g=None, reset=None, group=None, scale=None, i
     n = group_size(group)
     if n == 1:
         return deltaproduct(q, k, v, beta, g, scale=scale, initial_state=initial_state, reset=reset,
-                            chunk_size=chunk_size)
+                            chunk_size=chunk_size, backend=backend)
     M, E = deltaproduct_summary(k, v, beta, g, reset=reset, chunk_size=chunk_size)
     first_with_init = group_rank(group) == 0 and initial_state is not None
     if first_with_init:  # later ranks see the sequence's initial state through rank 0's end state
@@ -146,7 +146,7 @@ def sp_deltaproduct(q, k, v, beta, g=None, reset=None, group=None, scale=None, i
     if first_with_init:
         state = state + initial_state.to(state.dtype)
     return deltaproduct(q, k, v, beta, g, scale=scale, initial_state=state, reset=reset,
-                        chunk_size=chunk_size)
+                        chunk_size=chunk_size, backend=backend)
 
 
 class _FoldEarlierSummaries(torch.autograd.Function):

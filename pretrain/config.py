@@ -132,6 +132,9 @@ class TrainConfig:
     resume: str = "auto"          # auto (newest complete checkpoint if any) | none | a checkpoint dir
     peak_tflops: Optional[float] = None  # device peak for MFU; None = known GPUs only
     activation_checkpointing: bool = False  # recompute each block in backward (less memory)
+    # auto: Triton kernels on CUDA, torch reference on CPU; torch forces the reference (to rule
+    # out a kernel problem); triton forces the kernels (CPU only under TRITON_INTERPRET=1).
+    kernel_backend: Literal["auto", "torch", "triton"] = "auto"
     eval_every: int = 0           # steps between val_loss evaluations on the "val" split; 0 = never
     eval_batches: int = 10        # micro-batches per evaluation
 

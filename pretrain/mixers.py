@@ -118,6 +118,7 @@ class ParaRNNMixer(nn.Module):
         self.out_proj = nn.Linear(hidden, cfg.d_model, bias=False)
         self.last_residual = None
         self.solver_extra = {}  # e.g. a sequence-parallel linear_solve and boundary (parallel/)
+        self.kernel_backend = "auto"  # auto | torch | triton (train.kernel_backend)
         self.reset_mixer_parameters()
 
     def reset_mixer_parameters(self):
@@ -126,7 +127,8 @@ class ParaRNNMixer(nn.Module):
 
     def solver_kwargs(self):
         c = self.rnn_cfg
-        return dict(num_iters=c.num_iters, tol=c.tol, max_iters=c.max_iters, **self.solver_extra)
+        backend = None if self.kernel_backend == "auto" else self.kernel_backend
+        return dict(num_iters=c.num_iters, tol=c.tol, max_iters=c.max_iters, backend=backend, **self.solver_extra)
 
 
 class ParaGRUMixer(ParaRNNMixer):
@@ -180,6 +182,7 @@ class DeltaProductMixer(nn.Module):
         self.o_norm = RMSNorm(dv, cfg.norm_eps)
         self.out_proj = nn.Linear(H * dv, d, bias=False)
         self.recurrence = deltaproduct  # swapped for a sequence-parallel one by parallel plans
+        self.kernel_backend = "auto"  # auto | torch | triton (train.kernel_backend)
         self.reset_mixer_parameters()
 
     def reset_mixer_parameters(self):
@@ -206,7 +209,8 @@ class DeltaProductMixer(nn.Module):
         if self.c.use_forget_gate:
             a = fp32_at_least(self.a_proj(x))
             g = -torch.exp(self.A_log.to(a.dtype)) * F.softplus(a + self.dt_bias.to(a.dtype))
-        o, _ = self.recurrence(q, k, v, beta, g, reset=doc_start, chunk_size=self.c.chunk_size)
+        o, _ = self.recurrence(q, k, v, beta, g, reset=doc_start, chunk_size=self.c.chunk_size,
+                               backend=self.kernel_backend)
         o = self.o_norm(o) * F.silu(self.g_proj(x).view(B, T, H, dv))
         return self.out_proj(o.reshape(B, T, H * dv))
 

@@ -187,10 +187,18 @@ def apply_sequence_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
 
 
 def _partial_sp_deltaproduct(group):
-    def recurrence(q, k, v, beta, g=None, reset=None, chunk_size=64):
-        return sp_deltaproduct(q, k, v, beta, g, reset=reset, group=group, chunk_size=chunk_size)
+    def recurrence(q, k, v, beta, g=None, reset=None, chunk_size=64, backend="auto"):
+        return sp_deltaproduct(q, k, v, beta, g, reset=reset, group=group, chunk_size=chunk_size, backend=backend)
 
     return recurrence
+
+
+def set_kernel_backend(model: nn.Module, backend: str) -> nn.Module:
+    """auto | torch | triton for every recurrent mixer (train.kernel_backend)."""
+    for block in model.blocks:
+        if hasattr(block.mixer, "kernel_backend"):
+            block.mixer.kernel_backend = backend
+    return model
 
 
 def sequence_slice(batch: dict, dims: ParallelDims) -> dict:

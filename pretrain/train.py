@@ -25,7 +25,7 @@ from pretrain.config import Config, ConfigError, to_dict
 from pretrain.metrics import MetricsLogger, device_peak_flops, plot_loss_svg, read_metrics
 from pretrain.model import LanguageModel
 from pretrain.parallelize import (apply_activation_checkpointing, apply_sequence_parallel, apply_tensor_parallel,
-                                  sequence_slice, validate_parallel)
+                                  sequence_slice, set_kernel_backend, validate_parallel)
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint saved, run me again"
 PREEMPTED_MARKER = "preempted.json"  # written beside the checkpoints on a preemption exit
@@ -235,6 +235,7 @@ def train(cfg: Config) -> dict:
     n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_len)
     apply_tensor_parallel(model, dims)
     apply_sequence_parallel(model, dims)
+    set_kernel_backend(model, t.kernel_backend)
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),

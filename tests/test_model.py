@@ -124,3 +124,26 @@ def test_activation_checkpointing_keeps_names_loss_and_gradients():
     assert torch.allclose(losses[0], losses[1], rtol=1e-12, atol=0)
     for (name, p), q in zip(ref.named_parameters(), ckpt.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12), name
+
+
+def test_triton_kernels_inside_the_model_match_the_torch_kernels():
+    """train.kernel_backend=triton (run here by the Triton interpreter) == torch, loss and grads."""
+    from pretrain.parallelize import set_kernel_backend
+
+    cfg = tiny_cfg(["paragru", "deltaproduct", "paralstm"], **{
+        "model.deltaproduct.head_dim": 16, "model.deltaproduct.chunk_size": 16,
+        "model.paragru.num_iters": 4, "model.paralstm.num_iters": 4})
+    ids = torch.randint(0, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
+    doc_start = torch.zeros(2, 13, dtype=torch.bool)
+    doc_start[1, 6] = True
+    results = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = set_kernel_backend(LanguageModel(cfg), backend)
+        loss = model(ids, labels=ids.roll(-1, 1), doc_start=doc_start)
+        loss.backward()
+        results[backend] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    (l_ref, g_ref), (l_tri, g_tri) = results["torch"], results["triton"]
+    assert torch.allclose(l_tri, l_ref, rtol=1e-5, atol=0)
+    for name, g in g_ref.items():  # fp32, different summation orders: 1e-4 of the gradient's scale
+        assert torch.allclose(g_tri[name], g, rtol=0, atol=1e-4 * g.abs().max().item() + 1e-8), name
