@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -156,9 +157,15 @@ def use_triton(backend, tensor: torch.Tensor, name: str) -> bool:
         return available and tensor.is_cuda
     if not available:
         raise ValueError(f"{name}: backend='triton' but triton is not installed")
-    if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and not _compile_only():
         raise ValueError(f"{name}: backend='triton' on {tensor.device} tensors needs TRITON_INTERPRET=1")
     return True
+
+
+def _compile_only() -> bool:
+    """Inside kernels.offline_compile.compile_only(): launches compile for a GPU and run nothing."""
+    module = sys.modules.get("kernels.offline_compile")
+    return module is not None and module.compile_only_active()
 
 
 def linear_scan(A, b, h0=None, reset=None, reverse=False, return_summary=False, *, chunk_size=DEFAULT_CHUNK_SIZE,
