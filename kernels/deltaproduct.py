@@ -26,6 +26,8 @@ Summaries compose associatively: ``(M2, E2) ∘ (M1, E1) = (M2 M1, M2 E1 + E2)``
 
 import torch
 
+from kernels import selfcheck
+
 __all__ = [
     "deltaproduct",
     "deltaproduct_naive",
@@ -217,33 +219,89 @@ def deltaproduct(q, k, v, beta, g=None, scale=None, initial_state=None, reset=No
     """Gated DeltaProduct, backend chosen per call.
 
     backend="auto": the Triton kernels (kernels/deltaproduct_triton.py) when q is a CUDA tensor
-    of dtype fp32/bf16/fp16, triton imports, and the shapes suit the kernels (chunk_size a power
-    of two >= 16, dk and dv >= 16); otherwise the torch chunkwise form
-    (deltaproduct_chunkwise, autograd gradients), which also serves fp64. backend="triton"
-    forces the kernels (tests run them on CPU tensors under TRITON_INTERPRET=1);
-    backend="torch" forces the chunkwise form. Both return (o, final_state fp32).
+    of dtype fp32/bf16/fp16, triton imports, the shapes suit the kernels (chunk_size a power
+    of two >= 16, dk and dv >= 16) and the kernels passed their startup self-check for this shape
+    class (kernels/selfcheck.py: the first call compares them with this module's chunkwise form on
+    a small slice, and a failure falls back to the torch form for the run); otherwise the torch
+    chunkwise form (deltaproduct_chunkwise, autograd gradients), which also serves fp64.
+    backend="triton" forces the kernels (tests run them on CPU tensors under TRITON_INTERPRET=1);
+    on CUDA a failed self-check is then an error. backend="torch" forces the chunkwise form.
+    Both return (o, final_state fp32).
     """
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     _check_chunk_size(chunk_size)
+    on_gpu = q.is_cuda or selfcheck.forced_on_cpu()
     if backend == "auto":
-        use_triton = (q.is_cuda and q.dtype != torch.float64 and chunk_size >= 16
+        use_triton = (on_gpu and q.dtype != torch.float64 and chunk_size >= 16
                       and chunk_size & (chunk_size - 1) == 0 and min(k.shape[-1], v.shape[-1]) >= 16
                       and _triton_available())
     else:
         use_triton = backend == "triton"
     if use_triton:
         _check_shapes(q, k, v, beta, g, initial_state, reset)
-        if k.shape[1] > 0:
-            from kernels.deltaproduct_triton import deltaproduct_triton
+        if on_gpu:
+            use_triton = _self_checked(q, k, v, beta, g, initial_state, reset, scale, chunk_size,
+                                       strict=backend == "triton")
+    if use_triton and k.shape[1] > 0:
+        from kernels.deltaproduct_triton import deltaproduct_triton
 
-            return deltaproduct_triton(q, k, v, beta, g=g, scale=scale,
-                                       initial_state=initial_state, reset=reset,
-                                       chunk_size=chunk_size)
+        return deltaproduct_triton(q, k, v, beta, g=g, scale=scale, initial_state=initial_state,
+                                   reset=reset, chunk_size=chunk_size)
     return deltaproduct_chunkwise(
         q, k, v, beta, g=g, scale=scale, initial_state=initial_state, reset=reset,
         chunk_size=chunk_size,
     )
+
+
+# Self-check tolerances (max error relative to the largest reference value, over the output, the
+# final state and every gradient): what the kernels' operand rounding allows with margin; a
+# broken kernel is off by O(1).
+SELFCHECK_TOL = {torch.float32: 1e-2, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+
+
+def _self_checked(q, k, v, beta, g, initial_state, reset, scale, chunk_size, strict):
+    """Whether the Triton kernels passed (now or earlier in the process) the self-check for the
+    shape class of this call: a slice of one batch row, every head, 2+ chunks and a ragged tail."""
+    B, T, n_h, H, dk, dv = k.shape[0], k.shape[1], k.shape[2], k.shape[3], k.shape[4], v.shape[-1]
+    shape_class = (f"H={H}", f"dk={dk}", f"dv={dv}", f"n_h={n_h}", f"chunk={chunk_size}",
+                   f"qkv={q.dtype}", f"beta={beta.dtype}", f"gate={None if g is None else g.dtype}",
+                   f"initial_state={initial_state is not None}", f"reset={reset is not None}")
+
+    def check():
+        from kernels.deltaproduct_triton import deltaproduct_triton
+
+        gen = selfcheck.slice_generator(q.device)
+        t_slice = 2 * (chunk_size // n_h) + 3
+        dev = q.device
+
+        def randn(*shape, dtype=torch.float32):
+            return torch.randn(*shape, generator=gen, device=dev).to(dtype)
+
+        inputs = dict(
+            q=torch.nn.functional.normalize(randn(1, t_slice, H, dk), dim=-1).to(q.dtype),
+            k=torch.nn.functional.normalize(randn(1, t_slice, n_h, H, dk), dim=-1).to(k.dtype),
+            v=randn(1, t_slice, n_h, H, dv, dtype=v.dtype),
+            beta=(2 * torch.rand(1, t_slice, n_h, H, generator=gen, device=dev)).to(beta.dtype),
+            g=None if g is None else (-torch.nn.functional.softplus(randn(1, t_slice, H))).to(g.dtype),
+            initial_state=None if initial_state is None else randn(1, H, dk, dv, dtype=initial_state.dtype),
+        )
+        reset_slice = None
+        if reset is not None:
+            reset_slice = torch.zeros(1, t_slice, dtype=torch.bool, device=dev)
+            reset_slice[0, chunk_size // n_h + 1] = True
+        leaves = {name: x.requires_grad_(True) for name, x in inputs.items() if x is not None}
+        d_o = randn(1, t_slice, H, dv)
+        d_final = randn(1, H, dk, dv)
+        results = []
+        for fn in (deltaproduct_triton, deltaproduct_chunkwise):
+            o, final = fn(**inputs, scale=scale, reset=reset_slice, chunk_size=chunk_size)
+            loss = (o.float() * d_o).sum() + (final.float() * d_final).sum()
+            grads = torch.autograd.grad(loss, list(leaves.values()))
+            results.append([o, final, *grads])
+        return max(selfcheck.relative_error(a, b) for a, b in zip(*results))
+
+    return selfcheck.kernel_allowed("deltaproduct", shape_class, check, SELFCHECK_TOL.get(q.dtype, 1e-2), strict)
 
 
 def _triton_available() -> bool:

@@ -1,0 +1,126 @@
+"""kernels/selfcheck.py: the startup self-check of the Triton kernels, forced through the
+interpreter on CPU (force_on_cpu), with faults injected into the kernel: a wrong forward, a wrong
+gradient, an exception. backend='auto' must fall back to the torch reference with one loud line;
+backend='triton' must raise; a correct kernel must pass and be used."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+import kernels.deltaproduct_triton as dpt  # noqa: E402
+from kernels import selfcheck  # noqa: E402
+from kernels.deltaproduct import deltaproduct, deltaproduct_chunkwise  # noqa: E402
+
+B, T, NH, H, DK, DV, C = 1, 11, 2, 1, 16, 16, 16
+
+
+@pytest.fixture(autouse=True)
+def fresh_verdicts():
+    selfcheck.reset()
+    yield
+    selfcheck.reset()
+
+
+def inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return dict(
+        q=F.normalize(torch.randn(B, T, H, DK, generator=gen), dim=-1),
+        k=F.normalize(torch.randn(B, T, NH, H, DK, generator=gen), dim=-1),
+        v=torch.randn(B, T, NH, H, DV, generator=gen),
+        beta=2 * torch.rand(B, T, NH, H, generator=gen),
+        g=-F.softplus(torch.randn(B, T, H, generator=gen)),
+    )
+
+
+class Counting:
+    """Wraps the Triton entry point, counting calls, optionally corrupting it."""
+
+    def __init__(self, real, fault=None):
+        self.real, self.calls, self.fault = real, 0, fault
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.fault == "raise":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        o, final = self.real(*args, **kwargs)
+        if self.fault == "forward":
+            o = o + 0.5
+        if self.fault == "gradient":
+            o = _ScaleGrad.apply(o)
+        return o, final
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 1.5 * grad
+
+
+@pytest.fixture
+def patch_kernel(monkeypatch):
+    def install(fault=None):
+        wrapper = Counting(dpt.deltaproduct_triton, fault)
+        monkeypatch.setattr(dpt, "deltaproduct_triton", wrapper)
+        return wrapper
+    return install
+
+
+def test_a_correct_kernel_passes_once_and_is_used(patch_kernel):
+    kernel = patch_kernel()
+    x = inputs()
+    with selfcheck.force_on_cpu():
+        o, final = deltaproduct(**x, chunk_size=C, backend="auto")
+        assert kernel.calls == 2  # the self-check slice, then the call itself
+        deltaproduct(**inputs(1), chunk_size=C, backend="auto")
+        assert kernel.calls == 3  # the verdict is cached per shape class
+    (verdict,) = selfcheck.report()
+    assert verdict.ok and verdict.op == "deltaproduct", verdict
+    ref_o, ref_final = deltaproduct_chunkwise(**x, chunk_size=C)
+    torch.testing.assert_close(o, ref_o, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fault", ["forward", "gradient", "raise"])
+def test_a_faulty_kernel_falls_back_to_torch_with_one_loud_line(patch_kernel, fault, capfd):
+    kernel = patch_kernel(fault)
+    x = inputs()
+    rng = torch.get_rng_state()
+    with selfcheck.force_on_cpu():
+        o, final = deltaproduct(**x, chunk_size=C, backend="auto")
+        o2, _ = deltaproduct(**inputs(1), chunk_size=C, backend="auto")
+    assert torch.equal(torch.get_rng_state(), rng), "the self-check must not consume the global RNG"
+    assert kernel.calls == 1, "only the self-check may run the failed kernel"
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if "SELF-CHECK FAILED" in line]
+    assert len(lines) == 1 and "Triton deltaproduct" in lines[0] and "dk=16" in lines[0], err
+    ref_o, ref_final = deltaproduct_chunkwise(**x, chunk_size=C)
+    assert torch.equal(o, ref_o) and torch.equal(final, ref_final)
+    (verdict,) = selfcheck.report()
+    assert not verdict.ok
+
+
+def test_strict_backend_raises_naming_the_kernel(patch_kernel):
+    patch_kernel("forward")
+    with selfcheck.force_on_cpu(), pytest.raises(RuntimeError, match="Triton deltaproduct .*self-check"):
+        deltaproduct(**inputs(), chunk_size=C, backend="triton")
+
+
+def test_shape_classes_are_checked_separately(patch_kernel):
+    kernel = patch_kernel()
+    with selfcheck.force_on_cpu():
+        deltaproduct(**inputs(), chunk_size=C, backend="auto")
+        x = inputs()
+        x["g"] = None
+        deltaproduct(**x, chunk_size=C, backend="auto")
+    assert kernel.calls == 4 and len(selfcheck.report()) == 2
+
+
+def test_without_force_cpu_tensors_never_run_the_check(patch_kernel):
+    kernel = patch_kernel("forward")
+    o, _ = deltaproduct(**inputs(), chunk_size=C, backend="auto")
+    assert kernel.calls == 0 and selfcheck.report() == []
