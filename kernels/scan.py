@@ -27,6 +27,8 @@ import sys
 
 import torch
 
+from kernels import selfcheck
+
 DEFAULT_CHUNK_SIZE = 16  # measured on CPU: 16 slightly faster than 32 or 64 at T=4096
 
 
@@ -154,7 +156,7 @@ def use_triton(backend, tensor: torch.Tensor, name: str) -> bool:
         return False
     available = importlib.util.find_spec("triton") is not None
     if backend is None:
-        return available and tensor.is_cuda
+        return available and (tensor.is_cuda or selfcheck.forced_on_cpu())
     if not available:
         raise ValueError(f"{name}: backend='triton' but triton is not installed")
     if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and not _compile_only():
@@ -193,7 +195,9 @@ def linear_scan(A, b, h0=None, reset=None, reverse=False, return_summary=False, 
     """
     if use_triton(backend, b, "linear_scan"):
         needs_graph = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (A, b, h0))
-        if not needs_graph:
+        on_gpu = b.is_cuda or selfcheck.forced_on_cpu()
+        if not needs_graph and (not on_gpu or _self_checked(A, b, h0, reset, reverse, return_summary,
+                                                            strict=backend == "triton")):
             from kernels.scan_triton import linear_scan_triton
             return linear_scan_triton(A, b, h0, reset, reverse, return_summary)
         if backend == "triton":
@@ -221,6 +225,40 @@ def linear_scan(A, b, h0=None, reset=None, reverse=False, return_summary=False, 
         h = h.flip(1)
     h, P, e = h.contiguous(), P.contiguous(), e.contiguous()
     return (h, (P, e)) if return_summary else h
+
+
+def _self_checked(A, b, h0, reset, reverse, return_summary, strict):
+    """Whether the Triton scan passed its startup self-check (kernels/selfcheck.py) for this shape
+    class: a slice of one batch row, up to 256 channels, 2+ time blocks and a ragged tail,
+    compared with the torch form (exact math, so a tight tolerance)."""
+    block = A.dim() == b.dim() + 1
+    shape_class = ("2x2" if block else "diagonal", f"A={A.dtype}", f"b={b.dtype}", f"reverse={reverse}",
+                   f"h0={h0 is not None}", f"reset={reset is not None}", f"summary={return_summary}")
+
+    def check():
+        from kernels.scan_triton import linear_scan_triton
+
+        gen = selfcheck.slice_generator(b.device)
+        T, D = 2 * 32 + 3, min(b.shape[2], 256)
+        a_shape = (1, T, D, 2, 2) if block else (1, T, D)
+        b_shape = (1, T, D, 2) if block else (1, T, D)
+        A_s = (0.9 * (2 * torch.rand(a_shape, generator=gen, device=b.device) - 1)).to(A.dtype)
+        if block:
+            A_s = A_s / 2  # keep the 2x2 products contractive
+        b_s = torch.randn(b_shape, generator=gen, device=b.device).to(b.dtype)
+        h0_s = None if h0 is None else torch.randn(b_shape[:1] + b_shape[2:], generator=gen,
+                                                     device=b.device).to(h0.dtype)
+        reset_s = None
+        if reset is not None:
+            reset_s = torch.zeros(1, T, dtype=torch.bool, device=b.device)
+            reset_s[0, 40] = True
+        with torch.no_grad():
+            got = linear_scan_triton(A_s, b_s, h0_s, reset_s, reverse, True)
+            want = linear_scan(A_s, b_s, h0_s, reset_s, reverse, True, backend="torch")
+        return max(selfcheck.relative_error(x, y) for x, y in
+                   ((got[0], want[0]), (got[1][0], want[1][0]), (got[1][1], want[1][1])))
+
+    return selfcheck.kernel_allowed("linear_scan", shape_class, check, 1e-4, strict)
 
 
 def linear_scan_sequential(A, b, h0=None, reset=None, reverse=False, return_summary=False):

@@ -124,3 +124,35 @@ def test_without_force_cpu_tensors_never_run_the_check(patch_kernel):
     kernel = patch_kernel("forward")
     o, _ = deltaproduct(**inputs(), chunk_size=C, backend="auto")
     assert kernel.calls == 0 and selfcheck.report() == []
+
+
+def test_linear_scan_self_check_passes_and_catches_a_fault(monkeypatch, capfd):
+    import kernels.scan_triton as st
+    from kernels.scan import linear_scan
+
+    gen = torch.Generator().manual_seed(0)
+    A, b = 0.9 * torch.rand(2, 37, 8, generator=gen), torch.randn(2, 37, 8, generator=gen)
+    want = linear_scan(A, b, backend="torch")
+    with selfcheck.force_on_cpu():
+        got = linear_scan(A, b)  # backend=None: the kernel, after its self-check
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert [v.ok for v in selfcheck.report()] == [True]
+
+    real = st.linear_scan_triton
+    calls = []
+
+    def faulty(*args):
+        calls.append(1)
+        h, (P, e) = real(*args[:5], True)
+        return (h, (P, e + 1.0)) if args[5] else h  # a wrong summary only
+
+    monkeypatch.setattr(st, "linear_scan_triton", faulty)
+    selfcheck.reset()
+    with selfcheck.force_on_cpu():
+        got, (P, e) = linear_scan(A, b, return_summary=True)
+        with pytest.raises(RuntimeError, match="Triton linear_scan"):
+            linear_scan(A, b, return_summary=True, backend="triton")
+    assert len(calls) == 1
+    want, (P_ref, e_ref) = linear_scan(A, b, return_summary=True, backend="torch")
+    assert torch.equal(e, e_ref) and torch.equal(got, want)
+    assert "SELF-CHECK FAILED: Triton linear_scan" in capfd.readouterr().err
