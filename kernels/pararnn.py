@@ -289,9 +289,11 @@ def paragru(u, a, h0=None, reset=None, num_iters=3, tol=None, max_iters=None, da
         maximum over all pieces.
     backend: None (CUDA tensors, default linear_solve, no boundary: the fused Triton kernels of
         kernels.pararnn_triton; otherwise this reference), "torch" or "triton" (forced; on CPU
-        tensors it needs TRITON_INTERPRET=1). With tol the fused path stops early per block of
-        channels (independent systems), so its iteration count may differ from the reference's;
-        the rule on the reported residual is the same.
+        tensors it needs TRITON_INTERPRET=1). The fused path solves chunk after chunk of time,
+        each by Newton from the previous chunk's converged state (num_iters / tol / max_iters
+        apply per chunk and block of channels): the same solution, other iterates, and the same
+        rule on the reported residual. The RuntimeWarning is raised for CPU tensors only (it reads
+        the residual, a host sync); on a GPU the caller reads the returned residual.
 
     Returns (h [B,T,D] in u's dtype, final_state [B,D] fp32 (fp64 for fp64 u),
              residual: 0-dim detached max_t |h_t - f(h_{t-1}, u_t)| at the returned solution).

@@ -467,6 +467,9 @@ class FusedNewtonSolve(torch.autograd.Function):
         num_iters, tol, max_iters, damping, block_t, block_d = opts
         lstm = cell_name == "paralstm"
         B, T, _, D = u.shape
+        if 3 * T * D >= 2 ** 31:  # offsets inside one batch row are int32
+            raise ValueError(f"{cell_name}: 3*T*D = {3 * T * D} must be < 2^31 for the fused kernels; "
+                             f"split the sequence (sequence parallelism) or the channels (tensor parallelism)")
         dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
         u = u.contiguous()
         params = [p.to(dtype).contiguous() for p in params]

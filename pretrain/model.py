@@ -94,14 +94,21 @@ class LanguageModel(nn.Module):
     # A tensor-parallel plan swaps in the vocab-parallel cross-entropy (logits sharded over vocab).
     loss_fn = staticmethod(next_token_loss)
 
-    def solver_residuals(self) -> dict[str, float]:
-        """The last Newton residual of each ParaRNN layer (for the training log)."""
-        out = {}
+    def solver_residual_tensor(self) -> tuple[list[str], torch.Tensor | None]:
+        """(names, residuals [L] fp32): the last Newton residual of each ParaRNN layer, stacked on
+        the device, with no host sync (the trainer accumulates these between log steps)."""
+        names, values = [], []
         for i, block in enumerate(self.blocks):
             residual = getattr(block.mixer, "last_residual", None)
             if residual is not None:
-                out[f"layer{i}.{block.mixer_name}"] = float(residual)
-        return out
+                names.append(f"layer{i}.{block.mixer_name}")
+                values.append(residual.detach().float())
+        return names, torch.stack(values) if values else None
+
+    def solver_residuals(self) -> dict[str, float]:
+        """The last Newton residual of each ParaRNN layer, read in one host sync for all layers."""
+        names, values = self.solver_residual_tensor()
+        return {} if values is None else dict(zip(names, values.tolist()))
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

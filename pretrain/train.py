@@ -186,6 +186,71 @@ def _quiet_deepspeed():
     ds_logger.setLevel(logging.WARNING)
 
 
+class NewtonTelemetry:
+    """The ParaRNN layers' Newton residuals for the log, kept on the device between log steps.
+
+    Reading a residual is a host sync, and one per layer per step would stall the GPU's queue
+    (the layers' kernels and the optimizer could not be queued ahead). So every micro-batch only
+    folds the stacked residuals into device tensors -- per layer the step's largest residual, the
+    window's largest and the count of steps above the layer's tol -- and read() syncs once, at a
+    log step, for all layers.
+    """
+
+    def __init__(self, model):
+        self.tol = {f"layer{i}.{b.mixer_name}": b.mixer.rnn_cfg.tol for i, b in enumerate(model.blocks)
+                    if getattr(b.mixer, "rnn_cfg", None) is not None}
+        self.names = self.tol_vec = self.step_max = self.last = self.peak = self.above = None
+        self.first_step, self.steps = None, 0
+
+    def observe(self, model) -> None:
+        """After a forward: fold this micro-batch's residuals into the step's maximum (no sync)."""
+        names, residuals = model.solver_residual_tensor()
+        if residuals is None:
+            return
+        if self.names is None:
+            self.names = names
+            self.tol_vec = torch.tensor([math.inf if self.tol.get(n) is None else self.tol[n] for n in names],
+                                        device=residuals.device)
+            self.above = torch.zeros(len(names), device=residuals.device)
+        self.step_max = residuals if self.step_max is None else torch.maximum(self.step_max, residuals)
+
+    def end_step(self, step: int) -> None:
+        if self.step_max is None:
+            return
+        self.above += ~(self.step_max <= self.tol_vec)  # NaN counts as above
+        self.peak = self.step_max if self.peak is None else torch.maximum(self.peak, self.step_max)
+        self.last, self.step_max = self.step_max, None
+        self.first_step = step if self.first_step is None else self.first_step
+        self.steps += 1
+
+    def read(self) -> dict | None:
+        """{last: {layer: residual of the last step}, peak: {layer: largest in the window},
+        above: {layer: steps above tol}, first_step, steps} for the steps since the previous read,
+        in one host sync; None when there were none (or no ParaRNN layer)."""
+        if not self.steps:
+            return None
+        values = torch.cat((self.last, self.peak, self.above)).tolist()
+        n = len(self.names)
+        out = {key: dict(zip(self.names, values[i * n:(i + 1) * n])) for i, key in enumerate(("last", "peak", "above"))}
+        out.update(first_step=self.first_step, steps=self.steps)
+        self.above.zero_()
+        self.peak, self.first_step, self.steps = None, None, 0
+        return out
+
+    def warning(self, window: dict, step: int) -> str | None:
+        """The console line for layers above their tol in the window, or None."""
+        bad = [k for k, count in window["above"].items() if count]
+        if not bad:
+            return None
+        steps = window["steps"]
+        where = f"step {step}" if steps == 1 else f"steps {window['first_step']}-{step}"
+        return (f"warning: {where}: Newton residual above tol in "
+                + ", ".join(f"{k} ({'' if steps == 1 else 'max '}{window['peak'][k]:.2e} > {self.tol[k]:.0e}"
+                            + ("" if steps == 1 else f" at {window['above'][k]:.0f} of {steps} steps") + ")"
+                            for k in bad)
+                + "; raise num_iters / max_iters or lower the lr")
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -270,9 +335,9 @@ def train(cfg: Config) -> dict:
     metrics = MetricsLogger(run_dir, to_dict(cfg), cfg.logging.wandb, enabled=rank == 0, resume_step=step)
     preempt = PreemptionFlag()
     # Newton convergence is never silent: layers whose residual stays above their tol (after the
-    # solver's extra iterations up to max_iters) are warned about with layer and step, and counted.
-    newton_tol = {f"layer{i}.{b.mixer_name}": b.mixer.rnn_cfg.tol for i, b in enumerate(model.blocks)
-                  if getattr(b.mixer, "rnn_cfg", None) is not None and b.mixer.rnn_cfg.tol is not None}
+    # solver's extra iterations up to max_iters) are warned about with layer and steps, and counted
+    # -- read from the device once per log step, not once per layer and step.
+    newton = NewtonTelemetry(model)
     unconverged = 0
     if rank == 0:
         print(f"model: {n_params / 1e6:.2f}M parameters, mixers {cfg.model.layer_mixers()}; device {device}, "
@@ -302,6 +367,7 @@ def train(cfg: Config) -> dict:
         for _ in range(t.grad_accum):
             batch = sequence_slice({k: v.to(device, non_blocking=True) for k, v in next(loader).items()}, dims)
             loss = engine(batch["input_ids"], labels=batch["labels"], doc_start=batch["doc_start"])
+            newton.observe(engine.module)
             finite = torch.isfinite(loss.detach()).float()
             if world > 1:
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -323,28 +389,27 @@ def train(cfg: Config) -> dict:
         window_loss += loss_value
         window_steps += 1
         pbar.update(1)
-        if newton_tol:
-            bad = {k: v for k, v in engine.module.solver_residuals().items() if k in newton_tol and v > newton_tol[k]}
-            unconverged += len(bad)
-            if bad and rank == 0:
-                pbar.write(f"warning: step {step}: Newton residual above tol in "
-                           + ", ".join(f"{k} ({v:.2e} > {newton_tol[k]:.0e})" for k, v in bad.items())
-                           + "; raise num_iters / max_iters or lower the lr")
+        newton.end_step(step)
 
         if step == 1 or step % cfg.logging.log_every == 0 or step == end_step:
             elapsed = time.perf_counter() - window_t0
             tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
             mfu = tok_s * flops_per_token / (peak * world) if peak else None
-            residuals = engine.module.solver_residuals()
+            window = newton.read()  # the one host sync for every layer's residual
+            if window is not None:
+                unconverged += int(sum(window["above"].values()))
+                line = newton.warning(window, step)
+                if line and rank == 0:
+                    pbar.write(line)
             record = {"step": step, "loss": window_loss / window_steps, "lr": scheduler.get_last_lr()[0],
                       "tokens": tokens_seen, "tokens_per_s": tok_s, "skipped": skipped,
                       "grad_norm": float(engine.get_global_grad_norm() or 0.0)}
             if mfu is not None:
                 record["mfu"] = mfu
-            if residuals:
-                record["newton_residual_max"] = max(residuals.values())
-                record["newton_unconverged"] = unconverged
-                record.update({f"newton_residual/{k}": v for k, v in residuals.items()})
+            if window is not None:
+                record["newton_residual_max"] = max(window["last"].values())  # over layers, last step
+                record["newton_unconverged"] = unconverged  # layer-steps above tol since step 0 of this run
+                record.update({f"newton_residual/{k}": v for k, v in window["last"].items()})
             if loader.skipped_shards:
                 record["skipped_shards"] = loader.skipped_shards
             metrics.log(record)
