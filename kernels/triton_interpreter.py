@@ -39,7 +39,8 @@ bf16 and converting to fp32, gives wrong values under the interpreter whatever t
     counts its *unmasked* elements times the pointer's element size. These are the bytes a
     program asks of global memory, before caches: a re-read served by L2 still counts, and the
     32-byte sector granularity of strided accesses is not modelled.
-  * dot FLOPs: 2·M·N·K per ``tl.dot`` (batched dots times the batch), summed over programs.
+  * dot FLOPs: 2·M·N·K per ``tl.dot`` (batched dots times the batch), summed over programs, also
+    split by what executes them (``DOT_KINDS``: "bf16", "tf32", "fp32" = IEEE on CUDA cores, ...).
   * launches and programs.
   * sequential steps: iterations of ``for`` loops over ``range`` / ``tl.range`` /
     ``tl.static_range`` executed by one program (nested loops counted in full), maximum over the
@@ -56,13 +57,12 @@ import builtins
 import contextlib
 import dataclasses
 import os
-import sys
 
 import numpy as np
 import triton.language as tl
 from triton.runtime import interpreter as _interp
 
-__all__ = ["DOT_MODES", "emulate_dot_precision", "count_traffic", "KernelTraffic", "TrafficCounter"]
+__all__ = ["DOT_MODES", "DOT_KINDS", "emulate_dot_precision", "count_traffic", "KernelTraffic", "TrafficCounter"]
 
 DOT_MODES = ("gpu", "tf32", "bf16")
 
@@ -148,6 +148,11 @@ def _dot_operand(handle, precision, mode):
     return None
 
 
+def _operand_dtype(handle):
+    """The operand's Triton dtype as the kernel wrote it (before emulate_dot_precision's rewrite)."""
+    return handle.attr.get("dot_operand_dtype", handle.dtype.scalar)
+
+
 def _make_emulated_dot(original, mode):
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         x = _dot_operand(a, input_precision, mode)
@@ -156,7 +161,7 @@ def _make_emulated_dot(original, mode):
             # Hand the rounded values on as plain fp32/fp64 operands (the interpreter multiplies
             # those exactly), so whatever else patches create_dot, e.g. count_traffic, still sees it.
             ty = tl.float64 if x.dtype == np.float64 else tl.float32
-            a, b = _interp.TensorHandle(x, ty), _interp.TensorHandle(y, ty)
+            a, b = (_interp.TensorHandle(v, ty, {"dot_operand_dtype": _operand_dtype(h)}) for v, h in ((x, a), (y, b)))
         return original(self, a, b, d, input_precision, max_num_imprecise_acc)
 
     return create_dot
@@ -204,6 +209,7 @@ class KernelTraffic:
     bytes_read: int = 0
     bytes_written: int = 0
     dot_flops: int = 0
+    dot_flops_by_kind: dict = dataclasses.field(default_factory=dict)  # see DOT_KINDS
     loads: int = 0  # load instructions executed, all programs
     stores: int = 0
     steps: int = 0  # sum over launches of the max loop iterations of one program
@@ -218,7 +224,11 @@ class KernelTraffic:
     def add(self, other: "KernelTraffic") -> None:
         for f in dataclasses.fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
-            setattr(self, f.name, max(a, b) if f.name.startswith("max_") else a + b)
+            if isinstance(a, dict):
+                for kind, n in b.items():
+                    a[kind] = a.get(kind, 0) + n
+            else:
+                setattr(self, f.name, max(a, b) if f.name.startswith("max_") else a + b)
 
 
 @dataclasses.dataclass
@@ -307,15 +317,28 @@ class TrafficCounter:
             k.bytes_written += nbytes
             k.stores += 1
 
-    def _dot(self, a, b) -> None:
+    def _dot(self, a, b, input_precision) -> None:
         k = self._kernel
         if k is None:
             return
         *batch, M, K = np.shape(a.data)
         N = np.shape(b.data)[-1]
-        k.dot_flops += 2 * M * N * K * int(np.prod(batch, dtype=np.int64))
+        flops = 2 * M * N * K * int(np.prod(batch, dtype=np.int64))
+        kind = _dot_kind(_operand_dtype(a), input_precision)
+        k.dot_flops += flops
+        k.dot_flops_by_kind[kind] = k.dot_flops_by_kind.get(kind, 0) + flops
         if self._program is not None:
             self._program.dots += 1
+
+    @property
+    def in_launch(self) -> bool:
+        """True from a launch's start to its end (argument handling included)."""
+        return self._kernel is not None
+
+    @property
+    def in_program(self) -> bool:
+        """True while an interpreted program (kernel code) is running."""
+        return self._program is not None
 
     def _loop_step(self) -> None:
         if self._program is not None:
@@ -324,20 +347,18 @@ class TrafficCounter:
 
 _active: TrafficCounter | None = None
 
+# What executes a dot, by operand dtype and input_precision: the keys of dot_flops_by_kind.
+DOT_KINDS = ("bf16", "fp16", "tf32", "tf32x3", "bf16x3", "bf16x6", "fp32", "fp64", "fp8", "int8")
+_FP32_KINDS = {_PRECISION.TF32: "tf32", _PRECISION.TF32x3: "tf32x3", _PRECISION.BF16x3: "bf16x3",
+               _PRECISION.BF16x6: "bf16x6", _PRECISION.IEEE: "fp32"}
 
-class _KernelCode:
-    """Code objects of the interpreter's rewritten kernels and device functions."""
 
-    def __init__(self):
-        self._seen = 0
-        self._codes = set()
-
-    def __contains__(self, code) -> bool:
-        fns = _interp.InterpretedFunction.rewritten_fn
-        if len(fns) != self._seen:
-            self._codes = {getattr(f, "__code__", None) for f in fns.values()}
-            self._seen = len(fns)
-        return code in self._codes
+def _dot_kind(dtype, input_precision) -> str:
+    if dtype == tl.float32:
+        return _FP32_KINDS.get(input_precision, "fp32")
+    if dtype.is_fp8():
+        return "fp8"
+    return {tl.bfloat16: "bf16", tl.float16: "fp16", tl.float64: "fp64"}.get(dtype, "int8")
 
 
 def _counted(counter: TrafficCounter, r):
@@ -346,18 +367,15 @@ def _counted(counter: TrafficCounter, r):
         yield i
 
 
-def _make_counting_range(counter: TrafficCounter):
-    """The builtin `range` for kernel modules: loops of kernel code are counted, any other caller
-    (host code of the same module) gets the real range."""
-    real_range, kernel_code = builtins.range, _KernelCode()
+def _make_counting_range(counter: TrafficCounter, base):
+    """`range` for a kernel module: while a program runs, only kernel code calls it (host code
+    does not run during a launch), so its loops are counted; otherwise it is `base`."""
 
     def range(*args):  # noqa: A001 (shadows the builtin on purpose, in kernel modules only)
-        r = real_range(*args)
-        if _active is counter and sys._getframe(1).f_code in kernel_code:
-            return _counted(counter, r)
-        return r
+        r = base(*args)
+        return _counted(counter, r) if counter.in_program else r
 
-    range.counts_loops = True
+    range.counts_loops_of = counter
     return range
 
 
@@ -370,7 +388,7 @@ def _make_counting_patch_lang_core(counter: TrafficCounter, original):
 
         def counted_range(*args, **kwargs):
             r = new_range(*args, **kwargs)
-            return _counted(counter, r) if _active is counter else r
+            return _counted(counter, r) if counter.in_program else r
 
         scope.set_attr(lang, "range", counted_range)
         scope.set_attr(lang, "static_range", counted_range)
@@ -388,14 +406,13 @@ def count_traffic():
         raise RuntimeError("count_traffic is already active; nest one counter, not two")
     counter = TrafficCounter()
     patches = _Patches()
-    counting_range = _make_counting_range(counter)
 
     def shadow_range(fn_globals):
         # Kernel code looks `range` up in its module's globals before the builtins: shadow it
-        # there (never in builtins), unless the module defines a range of its own.
-        current = fn_globals.get("range")
-        if current is not counting_range and (current is None or getattr(current, "counts_loops", False)):
-            patches.set_item(fn_globals, "range", counting_range)
+        # there (never in builtins), wrapping whatever range the module already sees.
+        current = fn_globals.get("range", builtins.range)
+        if getattr(current, "counts_loops_of", None) is not counter:
+            patches.set_item(fn_globals, "range", _make_counting_range(counter, current))
 
     grid_call = _interp.GridExecutor.__call__
 
@@ -442,11 +459,11 @@ def count_traffic():
         return atomic_cas(self, ptr, cmp, val, sem, scope)
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        counter._dot(a, b)
+        counter._dot(a, b, input_precision)
         return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 
     def create_dot_scaled(self, lhs, lhs_scale, lhs_format, rhs, rhs_scale, rhs_format, *rest):
-        counter._dot(lhs, rhs)
+        counter._dot(lhs, rhs, None)
         return dot_scaled(self, lhs, lhs_scale, lhs_format, rhs, rhs_scale, rhs_format, *rest)
 
     patches.set(_interp.GridExecutor, "__call__", grid_executor_call)

@@ -79,7 +79,7 @@ def test_dot_flops_loop_steps_and_per_kernel_names():
         copy_kernel[(1,)](torch.ones(8), torch.zeros(8), torch.tensor([8], dtype=torch.int32), BLOCK=8)
     assert list(counter.kernels) == ["chunked_dot_kernel", "copy_kernel"]
     k = counter.kernels["chunked_dot_kernel"]
-    assert k.dot_flops == 2 * M * N * K * NC * P
+    assert k.dot_flops == 2 * M * N * K * NC * P and k.dot_flops_by_kind == {"fp32": k.dot_flops}
     assert (k.max_dots_per_program, k.max_loads_per_program) == (NC, 2 * NC)
     assert k.max_steps_per_program == NC + 3 + 2 and k.steps == NC + 5  # one launch
     assert k.bytes_read == 4 * P * NC * (M * K + K * N) and k.bytes_written == 4 * P * M * N
@@ -138,9 +138,10 @@ def test_bf16_mode_rounds_operands_to_nearest_even():
 
 def test_gpu_mode_bf16_operands_and_casts():
     a, b = torch.randn(1, 1, 16, 16).bfloat16(), torch.randn(1, 1, 16, 16).bfloat16()
-    with emulate_dot_precision("gpu"):
+    with count_traffic() as counter, emulate_dot_precision("gpu"):
         got = chunked_dot(a, b, "tf32")[0]
     assert torch.allclose(got, a[0, 0].float() @ b[0, 0].float(), rtol=0, atol=1e-5)
+    assert counter.total().dot_flops_by_kind == {"bf16": 2 * 16**3}  # seen through the emulation
     x = torch.randn(64)
     x[:3] = torch.tensor([1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 1.0 + 2.0**-8 + 2.0**-12])
     y = torch.empty(64, dtype=torch.bfloat16)
