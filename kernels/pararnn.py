@@ -32,6 +32,7 @@ import warnings
 
 import torch
 
+from kernels import selfcheck
 from kernels.scan import linear_scan, use_triton
 
 # ---------------------------------------------------------------------------------------------
@@ -255,10 +256,13 @@ def _newton(cell, u, params, h0, reset, num_iters, tol, max_iters, damping, line
     # The fused kernels hold their own scan and see one whole sequence: a swapped-in
     # linear_solve or a sequence-parallel boundary keeps this reference solver.
     fusable = linear_solve is linear_scan and boundary is None
-    if use_triton(backend, u, name) and (fusable or backend == "triton"):
-        if not fusable:
-            raise ValueError(f"{name}: backend='triton' runs the fused kernels, which take neither a "
-                             f"custom linear_solve nor a boundary; pass backend=None or 'torch'")
+    fused = use_triton(backend, u, name) and (fusable or backend == "triton")
+    if fused and not fusable:
+        raise ValueError(f"{name}: backend='triton' runs the fused kernels, which take neither a "
+                         f"custom linear_solve nor a boundary; pass backend=None or 'torch'")
+    if fused and (u.is_cuda or selfcheck.forced_on_cpu()):
+        fused = _self_checked(cell, name, u, params, h0, reset, damping, strict=backend == "triton")
+    if fused:
         from kernels.pararnn_triton import FusedNewtonSolve
         opts = (num_iters, tol, max_iters, damping, None, None)  # block sizes by shape
         states, residual = FusedNewtonSolve.apply(name, opts, u, h0, reset, *params)
@@ -271,6 +275,51 @@ def _newton(cell, u, params, h0, reset, num_iters, tol, max_iters, damping, line
         warnings.warn(f"{name}: Newton residual {residual.item():.3e} > tol={tol:.3e} after "
                       f"max_iters={max_iters} iterations", RuntimeWarning, stacklevel=3)
     return states, residual
+
+
+def _self_checked(cell, name, u, params, h0, reset, damping, strict):
+    """Whether the fused Triton Newton kernels passed their startup self-check
+    (kernels/selfcheck.py) for this shape class: a slice of one batch row, up to 64 channels,
+    2+ time chunks and a ragged tail, solved to convergence by the kernels and by the torch
+    reference; the solutions and every gradient must agree."""
+    shape_class = (f"u={u.dtype}", f"h0={h0 is not None}", f"reset={reset is not None}",
+                   f"damping={damping is not None}")
+    dtype = _compute_dtype(u)
+
+    def check():
+        from kernels.pararnn_triton import FusedNewtonSolve
+
+        gen = selfcheck.slice_generator(u.device)
+        T, D = 2 * 32 + 3, min(u.shape[3], 64)
+        dev = u.device
+        u_s = torch.randn(1, T, 3, D, generator=gen, device=dev).to(u.dtype).requires_grad_(True)
+        params_s = [(torch.rand(p.shape[0], D, generator=gen, device=dev) - 0.5).to(dtype).requires_grad_(True)
+                    for p in params]
+        h0_s = None
+        if h0 is not None:
+            h0_s = (0.5 * torch.randn((1, D) + cell.state_suffix, generator=gen, device=dev)).to(dtype)
+            h0_s.requires_grad_(True)
+        reset_s = None
+        if reset is not None:
+            reset_s = torch.zeros(1, T, dtype=torch.bool, device=dev)
+            reset_s[0, 40] = True
+        # Both solved to convergence (the two schedules' iterates differ, their fixed point not).
+        tol = 1e-10 if dtype == torch.float64 else 1e-6
+        leaves = [x for x in [u_s, *params_s, h0_s] if x is not None]
+        g = torch.randn((1, T, D) + cell.state_suffix, generator=gen, device=dev).to(dtype)
+        results = []
+        for solve in ("fused", "reference"):
+            if solve == "fused":
+                opts = (1, tol, 64, damping, None, None)
+                states, _ = FusedNewtonSolve.apply(name, opts, u_s, h0_s, reset_s, *params_s)
+            else:
+                opts = (1, tol, 64, damping, linear_scan, None)
+                states, _ = _NewtonSolve.apply(cell, opts, u_s.to(dtype), h0_s, reset_s, *params_s)
+            grads = torch.autograd.grad((states * g).sum(), leaves)
+            results.append([states, *grads])
+        return max(selfcheck.relative_error(a, b) for a, b in zip(*results))
+
+    return selfcheck.kernel_allowed(name, shape_class, check, 1e-3, strict)
 
 
 def paragru(u, a, h0=None, reset=None, num_iters=3, tol=None, max_iters=None, damping=None,

@@ -156,3 +156,42 @@ def test_linear_scan_self_check_passes_and_catches_a_fault(monkeypatch, capfd):
     want, (P_ref, e_ref) = linear_scan(A, b, return_summary=True, backend="torch")
     assert torch.equal(e, e_ref) and torch.equal(got, want)
     assert "SELF-CHECK FAILED: Triton linear_scan" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("cell", ["paragru", "paralstm"])
+def test_pararnn_self_check_passes_and_catches_a_fault(cell, monkeypatch, capfd):
+    import kernels.pararnn_triton as prt
+    from kernels.pararnn import paragru, paralstm
+
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 21, 3, 6, generator=gen)
+    params = [torch.rand(3, 6, generator=gen) - 0.5]
+    if cell == "paralstm":
+        params.append(0.1 * torch.randn(2, 6, generator=gen))
+    solve = paragru if cell == "paragru" else paralstm
+    kwargs = dict(tol=1e-6, max_iters=30)
+    want, _, _ = solve(u, *params, backend="torch", **kwargs)
+    with selfcheck.force_on_cpu():
+        got, _, _ = solve(u, *params, **kwargs)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # (the reference solver inside the check runs the Triton scan too, checked on its own)
+    assert [v.ok for v in selfcheck.report() if v.op == cell] == [True]
+
+    real = prt.FusedNewtonSolve.apply
+    calls = []
+
+    def faulty(*args):
+        calls.append(1)
+        states, residual = real(*args)
+        return states * 1.01, residual  # 1% off: a plausible-looking wrong answer
+
+    monkeypatch.setattr(prt.FusedNewtonSolve, "apply", faulty)
+    selfcheck.reset()
+    with selfcheck.force_on_cpu():
+        got, _, _ = solve(u, *params, **kwargs)
+        with pytest.raises(RuntimeError, match=f"Triton {cell}"):
+            solve(u, *params, backend="triton", **kwargs)
+    assert len(calls) == 1
+    # the reference solver (whose scans are the forced Triton scan here: same math, other order)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert f"SELF-CHECK FAILED: Triton {cell}" in capfd.readouterr().err
