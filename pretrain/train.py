@@ -19,6 +19,7 @@ import torch.distributed as dist
 import yaml
 
 from data.loader import TokenLoader
+from kernels import selfcheck
 from parallel.topology import ParallelDims
 from pretrain import checkpoint as ckpt_lib
 from pretrain.config import Config, ConfigError, to_dict
@@ -254,6 +255,12 @@ class NewtonTelemetry:
 # ----------------------------------------------------------------------------- the loop
 
 
+def kernel_fallbacks() -> list[str]:
+    """Triton kernels that failed their startup self-check on this rank and run on the torch
+    reference instead (each also printed one line when it happened)."""
+    return [f"{v.op} ({', '.join(v.shape_class)}): {v.detail}" for v in selfcheck.report() if not v.ok]
+
+
 def train(cfg: Config) -> dict:
     """Run (or resume) the job described by cfg; returns a summary dict."""
     import deepspeed
@@ -412,6 +419,9 @@ def train(cfg: Config) -> dict:
                 record.update({f"newton_residual/{k}": v for k, v in window["last"].items()})
             if loader.skipped_shards:
                 record["skipped_shards"] = loader.skipped_shards
+            fallbacks = kernel_fallbacks()
+            if fallbacks:  # Triton kernels that failed their startup self-check (kernels/selfcheck.py)
+                record["kernel_fallbacks"] = len(fallbacks)
             metrics.log(record)
             pbar.set_postfix_str(f"loss {record['loss']:.3f} | {tok_s:,.0f} tok/s"
                                  + (f" | MFU {mfu:.1%}" if mfu is not None else " | MFU n/a (CPU)")
@@ -441,7 +451,7 @@ def train(cfg: Config) -> dict:
     wall = time.perf_counter() - run_t0
     summary = {"run_dir": str(run_dir), "step": step, "first_loss": first_loss, "last_loss": last_loss,
                "tokens_per_s": run_tokens / max(wall, 1e-9), "checkpoint": str(last_ckpt) if last_ckpt else None,
-               "skipped_steps": skipped, "exit_code": exit_code}
+               "skipped_steps": skipped, "exit_code": exit_code, "kernel_fallbacks": kernel_fallbacks()}
     if rank == 0:
         plot = plot_loss_svg(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.svg")
         summary["loss_plot"] = str(plot) if plot else None

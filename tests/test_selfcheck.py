@@ -195,3 +195,13 @@ def test_pararnn_self_check_passes_and_catches_a_fault(cell, monkeypatch, capfd)
     # the reference solver (whose scans are the forced Triton scan here: same math, other order)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     assert f"SELF-CHECK FAILED: Triton {cell}" in capfd.readouterr().err
+
+
+def test_the_trainer_reports_fallbacks(patch_kernel, capfd):
+    from pretrain.train import kernel_fallbacks
+
+    patch_kernel("raise")
+    with selfcheck.force_on_cpu():
+        deltaproduct(**inputs(), chunk_size=C, backend="auto")
+    (line,) = kernel_fallbacks()
+    assert line.startswith("deltaproduct (H=1, dk=16") and "illegal memory access" in line
