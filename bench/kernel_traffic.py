@@ -2,8 +2,8 @@
 under Triton's CPU interpreter at the 1B configs' per-layer shapes, against the minimum and
 against flash-linear-attention's chunk_gated_delta_product.
 
-    python -m bench.kernel_traffic                 # ~6 min on 2 cores; writes bench/results/kernel_traffic.md
-    python -m bench.kernel_traffic --quick         # ~2 min: fewer heads, channels and tokens
+    python -m bench.kernel_traffic                 # ~4 min on 2 cores; writes bench/results/kernel_traffic.md
+    python -m bench.kernel_traffic --quick         # ~1 min: fewer heads, channels and tokens, same per-unit results
     python -m bench.kernel_traffic --ops deltaproduct --no-fla --no-write
 
 What runs. The real dispatch functions, forced to Triton, on CPU tensors under
@@ -406,6 +406,18 @@ def goals(rows):
     return "\n".join(out)
 
 
+def kernels_version():
+    """The commit measured, and kernels/ files that differ from it (others may be mid-change)."""
+    import subprocess
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.rstrip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", "kernels").splitlines()]
+    return commit + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else "")
+
+
 def machine():
     cpu = platform.processor() or platform.machine()
     try:
@@ -513,7 +525,7 @@ def main(argv=None):
     text = (f"# Kernel traffic under the Triton interpreter\n\nWritten by `python -m bench.kernel_traffic` "
             f"(see its docstring for what is counted, the minimum formulas and the roofline). A run replaces this file.\n\n"
             f"- command: `{cmd.strip()}`\n- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
-            f"- machine: {machine()}; run took {time.perf_counter() - started:.0f} s\n- setting: {setting}\n\n"
+            f"- kernels: commit {kernels_version()}\n- machine: {machine()}; run took {time.perf_counter() - started:.0f} s\n- setting: {setting}\n\n"
             f"Units: `token` = per token per layer; `element` = per channel per token. Bytes are what the programs "
             f"load and store (unmasked elements, before caches) plus the torch ops between kernels. programs/call "
             f"and seq. steps/call are for one sequence of {seq_len} tokens (B=1).\n\n{table}\n\n## Goals\n\n{goal_lines}\n\n"
