@@ -34,7 +34,7 @@ as states); two or more T give the line, and the table reports the value at the 
 seq_len (4096) from it; the measured per-T values are in the notes.
 
 Minimum traffic, bytes per token per layer; s = activation bytes (bf16: 2), f = 4 (fp32 β, g):
-  DeltaProduct, per head:
+  DeltaProduct, per head (the table multiplies by the layer's num_heads):
     fwd  = s·(dk + n_h·dk + n_h·dv) + f·(n_h + 1) + s·dv       q, k, v, β, g read once; o written once
     bwd  = s·(dk + n_h·dk + n_h·dv) + f·(n_h + 1) + s·dv        the same inputs and dO read once,
          + s·(dk + n_h·dk + n_h·dv) + f·(n_h + 1)               dq, dk, dv, dβ, dg written once
@@ -254,10 +254,13 @@ def run_scan(form, T, D):
 
 
 def deltaproduct_minimum(c):
-    dk = dv = c["head_dim"]
+    """(fwd, bwd) bytes per token of the whole layer (every head): read q, k, v (bf16), beta and g
+    (fp32) once, write o once; backward reads them and dO again and writes their gradients."""
+    H, dk = c["num_heads"], c["head_dim"]
+    dv = int(dk * c.get("expand_v", 1.0))
     nh = c["num_householder"]
-    inputs = S * (dk + nh * dk + nh * dv) + F32 * (nh + 1)
-    fwd = inputs + S * dv
+    inputs = H * (S * (dk + nh * dk + nh * dv) + F32 * (nh + 1))
+    fwd = inputs + H * S * dv
     return fwd, fwd + inputs  # fwd; bwd = inputs + dO read, gradients written
 
 
