@@ -31,6 +31,7 @@ from kernels import selfcheck
 __all__ = [
     "deltaproduct",
     "deltaproduct_naive",
+    "deltaproduct_step",
     "deltaproduct_chunkwise",
     "deltaproduct_summary",
     "compose_deltaproduct_summaries",
@@ -96,6 +97,26 @@ def deltaproduct_naive(q, k, v, beta, g=None, scale=None, initial_state=None, re
             S = S + bj[..., None, None] * kj[..., :, None] * (vj - Sk)[..., None, :]
         outputs.append(scale * torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
     o = torch.stack(outputs, dim=1) if T > 0 else q.new_zeros(B, 0, H, dv)
+    return o.to(q.dtype), S
+
+
+def deltaproduct_step(q, k, v, beta, g, state, scale=None):
+    """One token of the recurrence (decoding): the body of deltaproduct_naive's loop.
+
+    q [B,H,dk], k [B,n_h,H,dk], v [B,n_h,H,dv], beta [B,n_h,H], g [B,H] | None, state [B,H,dk,dv].
+    Returns (o [B,H,dv] in q's dtype, the new state in the state's dtype, fp32 or fp64).
+    O(n_h·dk·dv) per head, whatever the number of tokens before.
+    """
+    dt = state.dtype
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    S = state
+    if g is not None:
+        S = S * g.to(dt).exp()[..., None, None]
+    for j in range(k.shape[1]):
+        kj, vj, bj = k[:, j].to(dt), v[:, j].to(dt), beta[:, j].to(dt)  # [B,H,dk], [B,H,dv], [B,H]
+        Sk = torch.einsum("bhkv,bhk->bhv", S, kj)
+        S = S + bj[..., None, None] * kj[..., :, None] * (vj - Sk)[..., None, :]
+    o = scale * torch.einsum("bhkv,bhk->bhv", S, q.to(dt))
     return o.to(q.dtype), S
 
 

@@ -3,17 +3,27 @@
 Each maps x [B, T, d_model] (and optional doc_start [B, T] bool) to [B, T, d_model]. The
 recurrences themselves live in kernels/ (torch reference on CPU, Triton on CUDA); these modules
 own the projections around them.
+
+For decoding, each mixer also has
+    prefill(x, doc_start=None) -> (y, state)   forward, plus the state after the last token
+    step(x, state, doc_start=None) -> (y, state)   one token, x [B, d_model], from that state
+    empty_state(batch_size) -> state           the state before any token
+where the state is the small object defined beside the mixer: ParaGRU h, ParaLSTM (c, h),
+DeltaProduct S and its short convs' windows, attention's KV cache. A recurrent step costs the
+same whatever came before; attention's grows with its cache. The state after a prompt is that
+of its last document (decoding continues it); doc_start [B] in step starts a new one.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.deltaproduct import deltaproduct
-from kernels.pararnn import paragru, paralstm
+from kernels.deltaproduct import deltaproduct, deltaproduct_step
+from kernels.pararnn import ParaGRUCell, ParaLSTMCell, paragru, paralstm
 
 try:  # optional, GPU only
     from flash_attn import flash_attn_func, flash_attn_varlen_func
@@ -47,6 +57,24 @@ def document_ids(doc_start: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(doc_start.to(torch.int32), dim=1)
 
 
+def in_last_document(doc_start: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: whether each position lies in its row's last document (the one decoding continues)."""
+    doc = document_ids(doc_start)
+    return doc == doc[:, -1:]
+
+
+def restart(state: torch.Tensor, doc_start: torch.Tensor | None) -> torch.Tensor:
+    """state [B, ...] zeroed in the rows where a document starts at this token (doc_start [B])."""
+    if doc_start is None:
+        return state
+    return state.masked_fill(doc_start.view((-1,) + (1,) * (state.dim() - 1)), 0.0)
+
+
+def state_dtype(module: nn.Module) -> torch.dtype:
+    """Recurrent states are fp32 (fp64 in an fp64 model, as the kernels compute them)."""
+    return torch.float64 if next(module.parameters()).dtype == torch.float64 else torch.float32
+
+
 class ShortConv(nn.Module):
     """Causal depthwise conv1d over time followed by SiLU, restarting at document starts.
 
@@ -77,6 +105,26 @@ class ShortConv(nn.Module):
             y = y + shifted * self.weight[:, K - 1 - s]
         return F.silu(y)
 
+    def window(self, x, doc_start=None):
+        """The state step() continues from after x [B, T, C]: its last K-1 inputs [B, K-1, C],
+        zero before the sequence and before the last document's start."""
+        T, K = x.shape[1], self.kernel_size
+        lo = max(T - (K - 1), 0)
+        w = F.pad(x[:, lo:], (0, 0, K - 1 - (T - lo), 0))
+        if doc_start is not None:
+            same = F.pad(in_last_document(doc_start)[:, lo:], (K - 1 - (T - lo), 0), value=False)
+            w = w * same.unsqueeze(-1).to(x.dtype)
+        return w
+
+    def step(self, x, window, doc_start=None):
+        """One token x [B, C] -> (y [B, C], the window moved on by x): forward's sum at its end."""
+        K = self.kernel_size
+        window = restart(window, doc_start)
+        y = x * self.weight[:, K - 1]
+        for s in range(1, K):  # window[:, K-1-s] is x_{t-s}, in forward's order of terms
+            y = y + window[:, K - 1 - s] * self.weight[:, K - 1 - s]
+        return F.silu(y), torch.cat([window[:, 1:], x.unsqueeze(1)], dim=1)
+
 
 class HeadwiseLinear(nn.Module):
     """Block-diagonal linear map over heads: head h's outputs see only head h's inputs.
@@ -102,8 +150,22 @@ class HeadwiseLinear(nn.Module):
         return u.flatten(-2) + self.bias
 
 
+@dataclass
+class ParaGRUState:
+    h: torch.Tensor  # [B, D] fp32 (fp64 in an fp64 model)
+
+
+@dataclass
+class ParaLSTMState:
+    c: torch.Tensor  # [B, D] fp32 (fp64 in an fp64 model)
+    h: torch.Tensor  # [B, D]
+
+
 class ParaRNNMixer(nn.Module):
-    """u = B x + b (one GEMM for all t), h = ParaRNN cell solved by Newton over t, y = W_o h."""
+    """u = B x + b (one GEMM for all t), h = ParaRNN cell solved by Newton over t, y = W_o h.
+
+    Decoding runs the cell once per token, h' = f(h, u): the equation Newton solves for all t.
+    """
 
     cell = ""
 
@@ -140,6 +202,21 @@ class ParaGRUMixer(ParaRNNMixer):
         self.last_residual = residual
         return self.out_proj(h)
 
+    def prefill(self, x, doc_start=None):
+        u = self.in_proj(x)
+        h, last, residual = paragru(u, self.recurrent, reset=doc_start, **self.solver_kwargs())
+        self.last_residual = residual
+        return self.out_proj(h), ParaGRUState(last.clone())
+
+    def step(self, x, state, doc_start=None):
+        u = self.in_proj(x)  # [B, 3, D]
+        h = restart(state.h, doc_start)
+        h = ParaGRUCell.step(h, u.to(h.dtype), (self.recurrent.to(h.dtype),))
+        return self.out_proj(h.to(x.dtype)), ParaGRUState(h)
+
+    def empty_state(self, batch_size):
+        return ParaGRUState(self.recurrent.new_zeros(batch_size, self.recurrent.shape[1], dtype=state_dtype(self)))
+
 
 class ParaLSTMMixer(ParaRNNMixer):
     cell = "paralstm"
@@ -155,9 +232,36 @@ class ParaLSTMMixer(ParaRNNMixer):
         self.last_residual = residual
         return self.out_proj(h)
 
+    def prefill(self, x, doc_start=None):
+        u = self.in_proj(x)
+        h, last, residual = paralstm(u, self.recurrent, self.peephole, reset=doc_start, **self.solver_kwargs())
+        self.last_residual = residual
+        return self.out_proj(h), ParaLSTMState(last[..., 0].clone(), last[..., 1].clone())
+
+    def step(self, x, state, doc_start=None):
+        u = self.in_proj(x)  # [B, 3, D]
+        dtype = state.h.dtype
+        ch = restart(torch.stack((state.c, state.h), dim=-1), doc_start)  # the cell's [B, D, 2] = (c, h)
+        ch = ParaLSTMCell.step(ch, u.to(dtype), (self.recurrent.to(dtype), self.peephole.to(dtype)))
+        return self.out_proj(ch[..., 1].to(x.dtype)), ParaLSTMState(ch[..., 0], ch[..., 1])
+
+    def empty_state(self, batch_size):
+        zeros = self.recurrent.new_zeros(batch_size, self.recurrent.shape[1], dtype=state_dtype(self))
+        return ParaLSTMState(zeros, zeros.clone())
+
+
+@dataclass
+class DeltaProductState:
+    S: torch.Tensor  # [B, H, dk, dv] fp32 (fp64 in an fp64 model)
+    conv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # q, k, v conv windows [B, K-1, C]
+
 
 class DeltaProductMixer(nn.Module):
-    """Gated DeltaProduct: n_h Householder updates of a dk x dv state per head and token."""
+    """Gated DeltaProduct: n_h Householder updates of a dk x dv state per head and token.
+
+    Training and prefill run the chunkwise form over the sequence; decoding steps one token:
+    the gate's decay, n_h Householder updates of S and the readout (kernels.deltaproduct_step).
+    """
 
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
@@ -193,12 +297,51 @@ class DeltaProductMixer(nn.Module):
             self.dt_bias.data.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
 
     def forward(self, x, doc_start=None):
-        B, T, _ = x.shape
-        dk, dv, nh = self.dk, self.dv, self.nh
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        H = q.shape[-1] // dk  # the heads held here (all of them unless tensor-parallel)
         if self.c.use_short_conv:
             q, k, v = self.q_conv(q, doc_start), self.k_conv(k, doc_start), self.v_conv(v, doc_start)
+        o, _ = self.recurrence(*self._recurrence_inputs(x, q, k, v), reset=doc_start,
+                               chunk_size=self.c.chunk_size, backend=self.kernel_backend)
+        return self._output(x, o)
+
+    def prefill(self, x, doc_start=None):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        windows = None
+        if self.c.use_short_conv:
+            windows = (self.q_conv.window(q, doc_start), self.k_conv.window(k, doc_start),
+                       self.v_conv.window(v, doc_start))
+            q, k, v = self.q_conv(q, doc_start), self.k_conv(k, doc_start), self.v_conv(v, doc_start)
+        o, S = self.recurrence(*self._recurrence_inputs(x, q, k, v), reset=doc_start,
+                               chunk_size=self.c.chunk_size, backend=self.kernel_backend)
+        return self._output(x, o), DeltaProductState(S, windows)
+
+    def step(self, x, state, doc_start=None):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # one token: [B, channels]
+        windows = None
+        if self.c.use_short_conv:
+            (q, wq), (k, wk), (v, wv) = (conv.step(t, w, doc_start) for conv, t, w in
+                                         zip((self.q_conv, self.k_conv, self.v_conv), (q, k, v), state.conv))
+            windows = (wq, wk, wv)
+        x, q, k, v = x.unsqueeze(1), q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)  # as T = 1
+        q, k, v, beta, g = self._recurrence_inputs(x, q, k, v)
+        o, S = deltaproduct_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], None if g is None else g[:, 0],
+                                 restart(state.S, doc_start))
+        return self._output(x, o.unsqueeze(1))[:, 0], DeltaProductState(S, windows)
+
+    def empty_state(self, batch_size):
+        p = self.q_proj.weight
+        S = p.new_zeros(batch_size, self.H, self.dk, self.dv, dtype=state_dtype(self))
+        windows = None
+        if self.c.use_short_conv:
+            windows = tuple(p.new_zeros(batch_size, conv.kernel_size - 1, conv.weight.shape[0])
+                            for conv in (self.q_conv, self.k_conv, self.v_conv))
+        return DeltaProductState(S, windows)
+
+    def _recurrence_inputs(self, x, q, k, v):
+        """(q, k, v, beta, g) in the kernel's layout from the (convolved) projections [B, T, .]."""
+        B, T, _ = x.shape
+        dk, dv, nh = self.dk, self.dv, self.nh
+        H = q.shape[-1] // dk  # the heads held here (all of them unless tensor-parallel)
         q = F.normalize(fp32_at_least(q.view(B, T, H, dk)), dim=-1).to(x.dtype)
         k = F.normalize(fp32_at_least(k.view(B, T, nh, H, dk)), dim=-1).to(x.dtype)
         v = v.view(B, T, nh, H, dv)
@@ -209,25 +352,38 @@ class DeltaProductMixer(nn.Module):
         if self.c.use_forget_gate:
             a = fp32_at_least(self.a_proj(x))
             g = -torch.exp(self.A_log.to(a.dtype)) * F.softplus(a + self.dt_bias.to(a.dtype))
-        o, _ = self.recurrence(q, k, v, beta, g, reset=doc_start, chunk_size=self.c.chunk_size,
-                               backend=self.kernel_backend)
+        return q, k, v, beta, g
+
+    def _output(self, x, o):
+        """Gated RMSNorm of the recurrence's output o [B, T, H, dv], then the output projection."""
+        B, T, H, dv = o.shape
         o = self.o_norm(o) * F.silu(self.g_proj(x).view(B, T, H, dv))
         return self.out_proj(o.reshape(B, T, H * dv))
 
 
-def rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary position embedding on x [B, T, H, hd] (rotate-half convention)."""
+def rotary(x: torch.Tensor, theta: float, start: int = 0) -> torch.Tensor:
+    """Rotary position embedding on x [B, T, H, hd] at positions start..start+T-1 (rotate-half)."""
     T, hd = x.shape[1], x.shape[-1]
     xf = fp32_at_least(x)
     inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, device=x.device, dtype=xf.dtype) / hd))
-    angles = torch.outer(torch.arange(T, device=x.device, dtype=xf.dtype), inv_freq)
+    angles = torch.outer(torch.arange(start, start + T, device=x.device, dtype=xf.dtype), inv_freq)
     cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
     x1, x2 = xf.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+@dataclass
+class KVCache:
+    k: torch.Tensor  # [B, T, H, hd]: keys after rotary, at positions 0..T-1
+    v: torch.Tensor  # [B, T, H, hd]
+    visible: torch.Tensor | None  # [B, T] bool: what the next token may attend (its document); None: all
+
+
 class AttentionMixer(nn.Module):
-    """Causal multi-head attention with RoPE; flash-attn on CUDA when installed, else SDPA."""
+    """Causal multi-head attention with RoPE; flash-attn on CUDA when installed, else SDPA.
+
+    Decoding appends the token's key and value to the cache and attends over it (SDPA).
+    """
 
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
@@ -242,6 +398,36 @@ class AttentionMixer(nn.Module):
         q, k, v = self.qkv_proj(x).view(B, T, 3, -1, self.hd).unbind(2)
         o = self.attend(q, k, v, doc_start if self.c.doc_mask else None)
         return self.out_proj(o.reshape(B, T, -1))
+
+    def prefill(self, x, doc_start=None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(B, T, 3, -1, self.hd).unbind(2)
+        doc_start = doc_start if self.c.doc_mask else None
+        o = self.attend(q, k, v, doc_start)
+        visible = None if doc_start is None else in_last_document(doc_start)
+        cache = KVCache(rotary(k, self.c.rope_theta), v.contiguous(), visible)
+        return self.out_proj(o.reshape(B, T, -1)), cache
+
+    def step(self, x, cache, doc_start=None):
+        B, pos = x.shape[0], cache.k.shape[1]  # pos: this token's position
+        q, k, v = self.qkv_proj(x).view(B, 1, 3, -1, self.hd).unbind(2)
+        q, k = rotary(q, self.c.rope_theta, start=pos), rotary(k, self.c.rope_theta, start=pos)
+        keys, values = torch.cat([cache.k, k], dim=1), torch.cat([cache.v, v], dim=1)
+        visible = cache.visible
+        if doc_start is not None and self.c.doc_mask:
+            old = visible if visible is not None else torch.ones(B, pos, dtype=torch.bool, device=x.device)
+            visible = old & ~doc_start[:, None]
+        if visible is not None:
+            visible = torch.cat([visible, visible.new_ones(B, 1)], dim=1)
+        mask = None if visible is None else visible[:, None, None, :]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                           attn_mask=mask)
+        return self.out_proj(o.reshape(B, -1)), KVCache(keys, values, visible)
+
+    def empty_state(self, batch_size):
+        p = self.qkv_proj.weight
+        empty = p.new_zeros(batch_size, 0, self.H, self.hd)
+        return KVCache(empty, empty.clone(), None)
 
     def attend(self, q, k, v, doc_start=None):
         """Rotary embedding + causal attention on q, k, v [B, T, h, hd] (positions 0..T-1)."""

@@ -3,6 +3,15 @@
 A block is  x + mixer(norm(x))  then  x + mlp(norm(x)),  where the mixer of each layer is one of
 paragru | paralstm | deltaproduct | attention (pretrain/mixers.py). This file is single-device
 code; parallel/ applies tensor and sequence parallelism to it from the outside.
+
+Decoding (generate) is a prefill and steps:
+
+    logits, cache = model.prefill(prompt_ids)        # the parallel forward, plus each layer's state
+    logits, cache = model.step(next_ids, cache)      # one token per row: O(1) per recurrent layer
+
+The cache is a list with one state per layer (ParaGRU h, ParaLSTM (c, h), DeltaProduct S and conv
+windows, attention's KV cache: pretrain/mixers.py). Logits of prefill then steps equal forward's
+over the whole sequence (tests/test_decoding.py).
 """
 from __future__ import annotations
 
@@ -47,6 +56,16 @@ class Block(nn.Module):
         x = x + self.mixer(self.norm1(x), doc_start)
         x = x + self.mlp(self.norm2(x))
         return x
+
+    def prefill(self, x, doc_start=None):
+        y, state = self.mixer.prefill(self.norm1(x), doc_start)
+        x = x + y
+        return x + self.mlp(self.norm2(x)), state
+
+    def step(self, x, state, doc_start=None):
+        y, state = self.mixer.step(self.norm1(x), state, doc_start)
+        x = x + y
+        return x + self.mlp(self.norm2(x)), state
 
 
 class LanguageModel(nn.Module):
@@ -121,18 +140,79 @@ class LanguageModel(nn.Module):
         the Newton iterations, the scans and the chunkwise DeltaProduct (pretrain/flops.py)."""
         return model_flops_per_token(self.cfg, seq_len)["total"]
 
+    # ------------------------------------------------------------------------- decoding
+
+    def prefill(self, input_ids, doc_start=None):
+        """forward over a prompt [B, T] -> (logits [B, T, vocab], cache): the parallel path
+        (Newton, chunkwise, attention) and each layer's state after the last token, from which
+        step() continues the last document. T = 0 gives the empty cache."""
+        if input_ids.shape[1] == 0:
+            return self.head.weight.new_zeros(input_ids.shape[0], 0, self.cfg.vocab_size), \
+                self.empty_cache(input_ids.shape[0])
+        if not self.cfg.reset_at_doc_start:
+            doc_start = None
+        x = self.embed(input_ids)
+        cache = []
+        for block in self.blocks:
+            x, state = block.prefill(x, doc_start)
+            cache.append(state)
+        return self.head(self.norm(x)), cache
+
+    def step(self, input_ids, cache, doc_start=None):
+        """One token per row, input_ids [B] -> (logits [B, vocab], the cache after it).
+        doc_start [B] bool: rows where this token starts a new document (state restarts)."""
+        if not self.cfg.reset_at_doc_start:
+            doc_start = None
+        x = self.embed(input_ids)
+        new_cache = []
+        for block, state in zip(self.blocks, cache):
+            x, state = block.step(x, state, doc_start)
+            new_cache.append(state)
+        return self.head(self.norm(x)), new_cache
+
+    def empty_cache(self, batch_size: int) -> list:
+        """Each layer's state before any token (what step() starts from without a prompt)."""
+        return [block.mixer.empty_state(batch_size) for block in self.blocks]
+
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.8, top_k: int = 40,
-                 generator: torch.Generator | None = None, eos_id: int | None = None):
-        """Sample a continuation by re-running the whole prefix each step (short samples only)."""
-        for _ in range(max_new_tokens):
-            logits = self(input_ids)[:, -1, :].float() / max(temperature, 1e-5)
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)
-            input_ids = torch.cat([input_ids, nxt], dim=1)
+                 generator: torch.Generator | None = None, eos_id: int | None = None,
+                 use_cache: bool = True):
+        """Continue input_ids [B, T >= 1] by up to max_new_tokens tokens (stopping early once every
+        row has sampled eos_id); temperature 0 is greedy. With the cache: one prefill over the
+        prompt, then one step per token. use_cache=False re-runs the whole sequence for every
+        token (the same tokens, O(T) per token; for comparison)."""
+        if input_ids.shape[1] == 0:
+            raise ValueError("generate needs a prompt of at least one token")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if use_cache:
+            logits, cache = self.prefill(input_ids)
+            logits = logits[:, -1]
+        for i in range(max_new_tokens):
+            if not use_cache:
+                logits = self(input_ids)[:, -1]
+            nxt = sample_next_token(logits, temperature, top_k, generator)
+            input_ids = torch.cat([input_ids, nxt[:, None]], dim=1)
             if eos_id is not None and bool((nxt == eos_id).all()):
                 break
+            if use_cache and i + 1 < max_new_tokens:
+                logits, cache = self.step(nxt, cache)
         return input_ids
+
+
+def sample_next_token(logits, temperature: float = 0.8, top_k: int = 40,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token [B] from logits [B, vocab]: argmax at temperature 0, else a sample from
+    softmax(logits / temperature) restricted to the top_k logits (0: all)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    logits = fp32_at_least(logits)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / max(temperature, 1e-5)
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
