@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     ids = torch.tensor([prompt], device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(ids, args.max_new_tokens, args.temperature, args.top_k, generator=gen,
-                         eos_id=tok.eos_id, use_cache=not args.no_cache)
+                         eos_id=tok.eos_id, use_cache=not args.no_cache, vocab_limit=tok.vocab_size)
     print(tok.decode(out[0].tolist()))
     return 0
 

@@ -177,9 +177,10 @@ class LanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.8, top_k: int = 40,
                  generator: torch.Generator | None = None, eos_id: int | None = None,
-                 use_cache: bool = True):
+                 use_cache: bool = True, vocab_limit: int | None = None):
         """Continue input_ids [B, T >= 1] by up to max_new_tokens tokens (stopping early once every
-        row has sampled eos_id); temperature 0 is greedy. With the cache: one prefill over the
+        row has sampled eos_id); temperature 0 is greedy; only ids below vocab_limit are drawn (a
+        tokenizer smaller than the model's vocabulary). With the cache: one prefill over the
         prompt, then one step per token. use_cache=False re-runs the whole sequence for every
         token (the same tokens, O(T) per token; for comparison)."""
         if input_ids.shape[1] == 0:
@@ -192,7 +193,7 @@ class LanguageModel(nn.Module):
         for i in range(max_new_tokens):
             if not use_cache:
                 logits = self(input_ids)[:, -1]
-            nxt = sample_next_token(logits, temperature, top_k, generator)
+            nxt = sample_next_token(logits, temperature, top_k, generator, vocab_limit)
             input_ids = torch.cat([input_ids, nxt[:, None]], dim=1)
             if eos_id is not None and bool((nxt == eos_id).all()):
                 break
@@ -202,12 +203,14 @@ class LanguageModel(nn.Module):
 
 
 def sample_next_token(logits, temperature: float = 0.8, top_k: int = 40,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, vocab_limit: int | None = None) -> torch.Tensor:
     """Next token [B] from logits [B, vocab]: argmax at temperature 0, else a sample from
-    softmax(logits / temperature) restricted to the top_k logits (0: all)."""
+    softmax(logits / temperature) restricted to the top_k logits (0: all); ids >= vocab_limit never."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     logits = fp32_at_least(logits)
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits[:, :vocab_limit]
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / max(temperature, 1e-5)

@@ -206,6 +206,9 @@ def test_top_k_and_greedy_sampling():
     assert torch.equal(sample_next_token(logits, temperature=0.0), torch.ones(500, dtype=torch.long))
     drawn = sample_next_token(logits, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(0))
     assert set(drawn.tolist()) == {1, 3}
+    assert torch.equal(sample_next_token(logits, temperature=0.0, vocab_limit=1), torch.zeros(500, dtype=torch.long))
+    drawn = sample_next_token(logits, temperature=1.0, top_k=2, vocab_limit=3, generator=torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {1, 2}
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         sample_next_token(logits, temperature=-1.0)
 
@@ -244,7 +247,8 @@ def tiny_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     docs = [p.read_text() for p in sorted((REPO / "pretrain").glob("*.py"))]
     tok = train_tokenizer(docs, out / "tokenizer", vocab_size=512)
-    cfg = tiny_cfg(HYBRID, **{"model.vocab_size": 512, "model.paragru.num_iters": 3,
+    # A model vocabulary above the tokenizer's (as when it is rounded up): never sample the rest.
+    cfg = tiny_cfg(HYBRID, **{"model.vocab_size": 640, "model.paragru.num_iters": 3,
                               "model.paralstm.num_iters": 3})
     torch.manual_seed(0)
     model = LanguageModel(cfg)
@@ -271,10 +275,11 @@ def test_launch_generate_on_an_export_uses_the_cache(tiny_export):
     prompt = torch.tensor([tok.encode("def forward(self")])
     expected = {}
     for temperature in (0.0, 0.8):
-        out = model.generate(prompt, 10, temperature=temperature, top_k=40,
+        out = model.generate(prompt, 10, temperature=temperature, top_k=40, vocab_limit=tok.vocab_size,
                              generator=torch.Generator().manual_seed(0), eos_id=tok.eos_id)
         expected[temperature] = tok.decode(out[0].tolist())
-    rerun = model.generate(prompt, 10, temperature=0.0, eos_id=tok.eos_id, use_cache=False)
+    rerun = model.generate(prompt, 10, temperature=0.0, eos_id=tok.eos_id, use_cache=False,
+                           vocab_limit=tok.vocab_size)
     assert tok.decode(rerun[0].tolist()) == expected[0.0]
 
     greedy = generate_cli("--export", str(tiny_export), "--prompt", "def forward(self", "--max-new-tokens", "10",
