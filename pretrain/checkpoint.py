@@ -10,20 +10,30 @@
 
 A save goes to checkpoints/.tmp/<tag> and is renamed into place only when every rank has
 finished; `latest` is replaced after that. A crash mid-save leaves the previous checkpoint and
-pointer untouched.
+pointer untouched. Pruning only ever counts checkpoints up to the step just written (a later step
+belongs to another run), so the checkpoint just written is never deleted.
+
+Every file is read with torch.load(weights_only=True) -- DeepSpeed's own reads included (see
+"Loading without running code") -- and its sha256 checked against the manifest before use.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from pretrain.config import ConfigError
 
 TMP = ".tmp"
 
@@ -130,21 +140,27 @@ def _hash_files_collectively(ckpt: Path, names: list[str] | None = None) -> dict
     return {k: v for part in parts for k, v in sorted(part.items())}
 
 
-def verify_checksums(ckpt: str | Path) -> None:
-    """Collective: re-hash every file the manifest lists (split over ranks) and raise a one-line
-    error naming the first file whose content differs. Checkpoints written before checksums were
-    recorded pass on sizes alone."""
-    from pretrain.config import ConfigError
-
+def checksum_mismatch(ckpt: str | Path) -> str | None:
+    """Collective: re-hash every file the manifest lists (split over ranks); the first file whose
+    content differs, as a sentence, or None. Checkpoints written before checksums were recorded
+    pass on sizes alone."""
     ckpt = Path(ckpt)
     recorded = json.loads((ckpt / "manifest.json").read_text()).get("sha256")
     if not recorded:
-        return
+        return None
     actual = _hash_files_collectively(ckpt, sorted(recorded))
     for name in sorted(recorded):
         if actual.get(name) != recorded[name]:
-            raise ConfigError(f"checkpoint {ckpt} is damaged: {name} does not match the sha256 in its manifest; "
-                              f"resume from an older checkpoint with train.resume=<run_dir>/checkpoints/step_XXXXXXXX")
+            return f"{name} does not match the sha256 in its manifest"
+    return None
+
+
+def verify_checksums(ckpt: str | Path) -> None:
+    """Collective: a one-line error naming the first file whose content differs from the manifest."""
+    why = checksum_mismatch(ckpt)
+    if why is not None:
+        raise ConfigError(f"checkpoint {ckpt} is damaged: {why}; use an older one "
+                          f"(<run_dir>/checkpoints/step_XXXXXXXX)")
 
 
 def damage(ckpt: Path) -> str | None:
@@ -169,20 +185,42 @@ def is_complete(ckpt: Path) -> bool:
     return Path(ckpt).is_dir() and damage(Path(ckpt)) is None
 
 
-def find_latest(run_dir: str | Path, report=None) -> Path | None:
-    """The newest intact checkpoint. A damaged newer one is reported (report(msg)) and skipped."""
+def lineage_of(ckpt: Path) -> str | None:
+    """The lineage id a checkpoint's trainer state records: made when a run starts from step 0,
+    inherited by every resume (None: written before lineages were recorded, or unreadable)."""
+    try:
+        return json.loads((Path(ckpt) / "trainer_state.json").read_text()).get("lineage")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def find_latest(run_dir: str | Path, report=None, verify: bool = False, skipped: list | None = None) -> Path | None:
+    """The newest intact checkpoint of the run `latest` names: the highest step of its lineage
+    (`latest` is written just after a checkpoint is renamed into place, so it can lag by one),
+    then anything else, newest first (checkpoints without a lineage: `latest`'s own first). A
+    damaged one is reported (report(msg)), appended to `skipped`, and passed over. verify=True
+    (collective) also re-hashes each candidate's files against its manifest, so a flipped byte
+    falls back to the older checkpoint too."""
     root = Path(run_dir) / "checkpoints"
     candidates = sorted(root.glob("step_*"), reverse=True)
     pointer = root / "latest"
     if pointer.is_file():
         named = root / pointer.read_text().strip()
-        candidates = [named] + [c for c in candidates if c != named]
+        lineage = lineage_of(named)
+        first = [c for c in candidates if lineage is not None and lineage_of(c) == lineage]
+        if not first:
+            first = [named]
+        candidates = first + [c for c in candidates if c not in first]
     for ckpt in candidates:
         why = damage(ckpt) if ckpt.is_dir() else "it does not exist"
+        if why is None and verify:
+            why = checksum_mismatch(ckpt)
         if why is None:
             return ckpt
         if report is not None:
             report(f"skipping checkpoint {ckpt}: {why}")
+        if skipped is not None and ckpt.is_dir():
+            skipped.append(ckpt)
     return None
 
 
@@ -194,12 +232,92 @@ def load_checkpoint(engine, ckpt: str | Path) -> tuple[dict, dict]:
     """Collective: restores model, optimizer and schedule into `engine`; returns (trainer, rank) state."""
     ckpt = Path(ckpt)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    load_weights_only(engine)
     path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {ckpt}")
-    rank_state = torch.load(ckpt / f"rank_{rank:05d}.pt", weights_only=True)
+    rank_state = load_checkpoint_file(ckpt / f"rank_{rank:05d}.pt")
     return read_trainer_state(ckpt), rank_state
+
+
+# ----------------------------------------------------------------------------- loading without running code
+#
+# A .pt file is a pickle, and unpickling calls whatever functions the file names: a checkpoint
+# someone could write to would run their code in every trainer that resumes from it. So every
+# checkpoint file is read by load_checkpoint_file -- torch.load(weights_only=True): tensors,
+# containers, numbers, and the few DeepSpeed classes its files really pickle -- including
+# DeepSpeed's own reads: engine.load_checkpoint reads through the engine's checkpoint engine
+# (load_weights_only swaps its load), zero_to_fp32 through its module's `torch.load`
+# (zero_to_fp32_weights_only swaps that while it runs). A file that needs anything else is
+# refused with one line naming it. (The sha256 manifest is no defence here: whoever can write the
+# file can rewrite the manifest.)
+
+
+class UnsafeCheckpointError(ConfigError):
+    """A checkpoint file whose unpickling would call something other than the allowed classes."""
+
+
+def _deepspeed_pickled_classes() -> list[type]:
+    """The DeepSpeed classes its checkpoint files hold at our settings (fp32 or bf16, ZeRO 0-3):
+    the optimizer states' loss scaler (1.0 unless fp16, which we never enable), ZeRO stage and
+    parameter-fragment addresses (tests/test_checkpoint_safety.py lists each file's globals)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_checkpoint_file(path, map_location="cpu", mmap: bool = False):
+    """torch.load with weights_only=True and DeepSpeed's classes allowed; any other global is an
+    UnsafeCheckpointError naming the file and what it would have called."""
+    torch.serialization.add_safe_globals(_deepspeed_pickled_classes())
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"it would call {found.group(1)}" if found else "it holds objects other than tensors and plain data"
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: {what}, which is not a tensor, plain data or one of the DeepSpeed classes "
+            f"checkpoints hold; this file was not written by this trainer (or was altered), and unpickling it "
+            f"could run code") from None
+
+
+def load_weights_only(engine) -> None:
+    """Make `engine.load_checkpoint` read every file through load_checkpoint_file: DeepSpeed reads
+    model, optimizer and ZeRO files through `engine.checkpoint_engine.load`, which would unpickle
+    with weights_only=False."""
+    engine.checkpoint_engine.load = _checkpoint_engine_load
+
+
+def _checkpoint_engine_load(path, map_location=None):
+    return load_checkpoint_file(path, map_location)
+
+
+class _TorchWithWeightsOnlyLoad(types.ModuleType):
+    """`torch` as zero_to_fp32 sees it inside zero_to_fp32_weights_only: load is ours."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f, map_location=None, weights_only=None, mmap=None, **_):
+        return load_checkpoint_file(f, map_location, mmap=bool(mmap))
+
+
+@contextlib.contextmanager
+def zero_to_fp32_weights_only():
+    """While inside, DeepSpeed's zero_to_fp32 (the ZeRO-3 consolidation) reads every file through
+    load_checkpoint_file."""
+    from deepspeed.utils import zero_to_fp32
+
+    real = zero_to_fp32.torch
+    zero_to_fp32.torch = _TorchWithWeightsOnlyLoad("torch")
+    try:
+        yield
+    finally:
+        zero_to_fp32.torch = real
 
 
 # ----------------------------------------------------------------------------- topology change
@@ -213,20 +331,6 @@ def load_checkpoint(engine, ckpt: str | Path) -> tuple[dict, dict]:
 FULL_STATE = "full_state.pt"
 FULL_STATE_FORMAT = "recurrent-pretrain/full-state/1"
 MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def _allow_deepspeed_globals() -> None:
-    """The few DeepSpeed classes its optimizer files pickle, so they load with weights_only=True."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    torch.serialization.add_safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
-
-
-def load_deepspeed_file(path: Path) -> dict:
-    _allow_deepspeed_globals()
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def shard_specs(module: torch.nn.Module) -> dict:
@@ -262,11 +366,11 @@ def _zero_partitions(ckpt: Path, tp_rank: int) -> dict[str, dict[str, torch.Tens
     tp rank: each parameter's fragments, taken from the dp partitions in rank order."""
     files = sorted(ckpt.glob(f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt"),
                    key=lambda f: int(f.name.split("_")[3]))
-    shapes = load_deepspeed_file(ckpt / f"mp_rank_{tp_rank:02d}_model_states.pt")["param_shapes"]
+    shapes = load_checkpoint_file(ckpt / f"mp_rank_{tp_rank:02d}_model_states.pt")["param_shapes"]
     pieces: dict[str, dict[str, list]] = {}
     step = None
     for f in files:
-        osd = load_deepspeed_file(f)["optimizer_state_dict"]
+        osd = load_checkpoint_file(f)["optimizer_state_dict"]
         if int(osd["zero_stage"]) not in (1, 2):
             raise ValueError(f"{f} is ZeRO stage {int(osd['zero_stage'])}; only stages 1 and 2 can be resharded")
         for g, mapping in enumerate(osd["param_slice_mappings"]):
@@ -291,7 +395,7 @@ def full_state(ckpt: str | Path) -> dict:
     is read as it is."""
     ckpt = Path(ckpt)
     if (ckpt / FULL_STATE).is_file():
-        return torch.load(ckpt / FULL_STATE, map_location="cpu", weights_only=True, mmap=True)
+        return load_checkpoint_file(ckpt / FULL_STATE, mmap=True)
     trainer = read_trainer_state(ckpt)
     topo = trainer.get("topology") or {"tp": 1}
     stage = trainer.get("config", {}).get("parallel", {}).get("zero_stage", 1)
@@ -312,32 +416,46 @@ def full_state(ckpt: str | Path) -> dict:
             params[name] = {k: merge_shards([part[name][k] for part in per_tp], specs[name]) for k in first}
         else:  # replicated over tp: every rank holds the same values
             params[name] = first
-    model_states = load_deepspeed_file(ckpt / "mp_rank_00_model_states.pt")
+    model_states = load_checkpoint_file(ckpt / "mp_rank_00_model_states.pt")
     return {"format": FULL_STATE_FORMAT, "params": params, "adam_step": step,
             "lr_scheduler": model_states.get("lr_scheduler"),
             "counters": {k: model_states.get(k, 0) for k in ("global_steps", "global_samples", "skipped_steps")}}
 
 
+def is_conversion(path: Path) -> bool:
+    """Whether `path` is a conversion of ours (convert_to_full) holding only the files it wrote."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    written = set(manifest.get("files", {})) | {"manifest.json"}
+    return manifest.get("format") == FULL_STATE_FORMAT and {p.name for p in path.iterdir()} <= written
+
+
+CONVERSION = "an earlier conversion"
+
+
 def convert_to_full(ckpt: str | Path, out: str | Path) -> Path:
-    """Write `ckpt` as a topology-free checkpoint directory `out` (atomically, with a manifest);
-    it resumes at any dp / sp / tp (train.resume=<out>) and exports like any checkpoint."""
-    ckpt, out = Path(ckpt), Path(out)
+    """Write `ckpt` as a topology-free checkpoint directory `out` (atomically, with a manifest of
+    sizes and sha256); it resumes at any dp / sp / tp (train.resume=<out>) and exports like any
+    checkpoint. `out` must be new, empty, or an earlier conversion (pretrain/output_dir.py)."""
+    from pretrain.output_dir import check_replaceable, write_replacing
+
+    ckpt, out = Path(ckpt), check_replaceable(out, is_conversion, CONVERSION)
     state = full_state(ckpt)
     trainer = read_trainer_state(ckpt)
     trainer["layout"] = "full"
     trainer.pop("shard_specs", None)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(state, tmp / FULL_STATE)
-    # Every rank's data-loader position is the same; rank 0's RNG stands for all ranks.
-    shutil.copyfile(ckpt / "rank_00000.pt", tmp / "rank_00000.pt")
-    _write_atomic(tmp / "trainer_state.json", json.dumps(trainer, indent=1))
-    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    _write_atomic(tmp / "manifest.json", json.dumps({"tag": out.name, "step": trainer["step"], "files": files}, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with write_replacing(out, is_conversion, CONVERSION) as tmp:
+        torch.save(state, tmp / FULL_STATE)
+        # Every rank's data-loader position is the same; rank 0's RNG stands for all ranks.
+        shutil.copyfile(ckpt / "rank_00000.pt", tmp / "rank_00000.pt")
+        _write_atomic(tmp / "trainer_state.json", json.dumps(trainer, indent=1))
+        names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        _write_atomic(tmp / "manifest.json", json.dumps({
+            "format": FULL_STATE_FORMAT, "tag": out.name, "step": trainer["step"],
+            "files": {n: (tmp / n).stat().st_size for n in names}, "sha256": {n: _file_sha256(tmp / n) for n in names}},
+            indent=1))
     return out
 
 
@@ -360,14 +478,14 @@ def load_resharded(engine, ckpt: str | Path, dims) -> tuple[dict, dict]:
             source.mkdir(parents=True)
             torch.save(full_state(ckpt), source / FULL_STATE)
         _barrier()
-    state = torch.load(source / FULL_STATE, map_location="cpu", weights_only=True, mmap=True)
+    state = load_checkpoint_file(source / FULL_STATE, mmap=True)
     _load_full_state(engine, state, dims)
     del state
     _barrier()
     if rank == 0 and source != ckpt:
         shutil.rmtree(source, ignore_errors=True)
     own = ckpt / f"rank_{rank:05d}.pt"
-    rank_state = torch.load(own if own.is_file() else ckpt / "rank_00000.pt", weights_only=True)
+    rank_state = load_checkpoint_file(own if own.is_file() else ckpt / "rank_00000.pt")
     return read_trainer_state(ckpt), rank_state
 
 

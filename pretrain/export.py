@@ -3,14 +3,17 @@
 ZeRO-1/2 partitions and tensor-parallel shards are consolidated into full fp32 weights by
 pretrain.checkpoint.full_state (the same path a topology change takes), ZeRO-3 partitions by
 DeepSpeed's zero_to_fp32 reader; a checkpoint written without ZeRO holds the weights (tp shards)
-in its model-states files. Our readers load every file with weights_only=True.
+in its model-states files. Every file is read with weights_only=True (DeepSpeed's zero_to_fp32
+included) after its sha256 is checked against the checkpoint's manifest; the output directory is
+written beside --out and renamed into place, never replacing anything but an earlier export
+(pretrain/output_dir.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -19,21 +22,43 @@ from safetensors.torch import load_file, save_file
 from pretrain import checkpoint as ckpt_lib
 from pretrain.config import ConfigError, model_config_from_dict
 from pretrain.model import LanguageModel
+from pretrain.output_dir import check_replaceable, write_replacing
 
 EXPORT_FORMAT = "recurrent-pretrain/1"
+EXPORT_FILES = {"model.safetensors", "config.json", "tokenizer.model"}
+EXPORT = "an earlier export"
+
+
+def _report(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint dir (…/checkpoints/step_N), a checkpoints dir, or a run dir."""
+    """Accept a checkpoint dir (…/checkpoints/step_N), a checkpoints dir, or a run dir; the
+    checkpoint's files must match the sha256 in its manifest. For a run dir that is its newest
+    intact checkpoint (a damaged newer one is reported on stderr and skipped); a named checkpoint
+    that is damaged is an error naming the file."""
     path = Path(path)
     if ckpt_lib.is_complete(path):
+        ckpt_lib.verify_checksums(path)
         return path
     for run_dir in (path, path.parent):
-        found = ckpt_lib.find_latest(run_dir)
-        if found is not None and path in (run_dir, run_dir / "checkpoints"):
-            return found
-    raise ConfigError(f"{path} is not a complete checkpoint (nor a run dir with one); "
+        if path in (run_dir, run_dir / "checkpoints"):
+            found = ckpt_lib.find_latest(run_dir, report=_report, verify=True)
+            if found is not None:
+                return found
+    why = ckpt_lib.damage(path) if path.is_dir() and (path / "manifest.json").is_file() else None
+    raise ConfigError(f"{path} is not a complete checkpoint{f' ({why})' if why else ''} (nor a run dir with one); "
                       f"pass <run_dir> or <run_dir>/checkpoints/step_XXXXXXXX")
+
+
+def is_export(path: Path) -> bool:
+    """Whether `path` is an export of ours holding only the files export() writes."""
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("format") == EXPORT_FORMAT and {p.name for p in path.iterdir()} <= EXPORT_FILES
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -48,11 +73,12 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     elif list(ckpt.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        with ckpt_lib.zero_to_fp32_weights_only():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     else:
         tp = trainer_state.get("topology", {}).get("tp", 1)
         specs = trainer_state.get("shard_specs", {})
-        per_tp = [ckpt_lib.load_deepspeed_file(ckpt / f"mp_rank_{t:02d}_model_states.pt")["module"] for t in range(tp)]
+        per_tp = [ckpt_lib.load_checkpoint_file(ckpt / f"mp_rank_{t:02d}_model_states.pt")["module"] for t in range(tp)]
         state = {name: ckpt_lib.merge_shards([m[name] for m in per_tp], specs[name]) if name in specs and tp > 1
                  else v for name, v in per_tp[0].items()}
     return {k: v.float().contiguous() for k, v in state.items()}
@@ -65,6 +91,7 @@ def _sha256(path: Path) -> str:
 def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32") -> Path:
     if dtype not in ("fp32", "bf16"):
         raise ConfigError(f"export dtype must be fp32 or bf16, got {dtype!r}")
+    out_dir = check_replaceable(out_dir, is_export, EXPORT)  # before any work
     ckpt = resolve_checkpoint(checkpoint)
     trainer_state = ckpt_lib.read_trainer_state(ckpt)
     model_cfg = trainer_state["config"]["model"]
@@ -85,19 +112,13 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32") -> 
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     state = {k: v.to(torch_dtype).contiguous() for k, v in state.items()}
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
-    shutil.copyfile(tokenizer, tmp / "tokenizer.model")
     meta = {"format": EXPORT_FORMAT, "model": model_cfg, "dtype": dtype, "step": trainer_state["step"],
             "tokens": trainer_state["tokens"], "tokenizer_checksum": trainer_state["tokenizer_checksum"],
             "source_checkpoint": str(ckpt)}
-    (tmp / "config.json").write_text(json.dumps(meta, indent=1))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with write_replacing(out_dir, is_export, EXPORT) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
+        shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        (tmp / "config.json").write_text(json.dumps(meta, indent=1))
     return out_dir
 
 

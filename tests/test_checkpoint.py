@@ -88,7 +88,7 @@ def test_keep_every_keeps_multiples_beside_the_last_k(engine, tmp_path):
 def test_deepspeed_files_load_with_weights_only(engine, tmp_path):
     ckpt = save(engine, tmp_path, 1)
     for f in sorted(ckpt.glob("*.pt")):
-        assert isinstance(ckpt_lib.load_deepspeed_file(f), dict), f
+        assert isinstance(ckpt_lib.load_checkpoint_file(f), dict), f
 
 
 def test_merge_shards_inverts_the_tensor_parallel_cut():
