@@ -101,19 +101,26 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, trainer_state: dict,
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_atomic(root / "latest", tag)
-        _prune(root, keep_last, keep_every)
+        _prune(root, keep_last, keep_every, current_step=step)
     _barrier()
     return final
 
 
-def _prune(root: Path, keep_last: int, keep_every: int = 0) -> None:
-    """Keep the newest `keep_last` complete checkpoints and every one whose step is a multiple of
-    `keep_every` (0: none); delete the rest."""
+def step_of(ckpt: Path) -> int:
+    return int(Path(ckpt).name.split("_")[1])
+
+
+def _prune(root: Path, keep_last: int, keep_every: int = 0, *, current_step: int) -> None:
+    """Of the complete checkpoints up to `current_step` (the one just written), keep the newest
+    `keep_last` and every one whose step is a multiple of `keep_every` (0: none); delete the rest.
+    Checkpoints of later steps are not this run's (a damaged one auto-resume skipped, or another
+    run's that train.overwrite did not move): never counted, never deleted."""
     if keep_last <= 0:
         return
-    done = sorted(p for p in root.glob("step_*") if (p / "manifest.json").is_file())
+    done = sorted(p for p in root.glob("step_*")
+                  if (p / "manifest.json").is_file() and step_of(p) <= current_step)
     for old in done[:-keep_last]:
-        if keep_every > 0 and int(old.name.split("_")[1]) % keep_every == 0:
+        if keep_every > 0 and step_of(old) % keep_every == 0:
             continue
         shutil.rmtree(old, ignore_errors=True)
 

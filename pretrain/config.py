@@ -130,6 +130,7 @@ class TrainConfig:
     keep_last: int = 3
     keep_every: int = 0           # also keep every checkpoint whose step is a multiple of this (0: none)
     resume: str = "auto"          # auto (newest complete checkpoint if any) | none | a checkpoint dir
+    overwrite: bool = False       # move checkpoints of another run, or of later steps, aside (pretrain/run_dir.py)
     peak_tflops: Optional[float] = None  # device peak for MFU; None = known GPUs only
     activation_checkpointing: bool = False  # recompute each block in backward (less memory)
     # auto: Triton kernels on CUDA, torch reference on CPU; torch forces the reference (to rule

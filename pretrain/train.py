@@ -1,7 +1,8 @@
 """The training loop: DeepSpeed engine (also on one device), AdamW, warmup + cosine/WSD, clipping,
 accumulation, checkpoints with exact resume, progress bar / JSONL / wandb logging.
 
-One visible loop in `train()`; everything it calls is a plain function above it.
+One visible loop in `_train()` (`train()` holds the run dir's lock around it); everything it calls
+is a plain function above it.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import signal
 import socket
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ from pretrain.metrics import MetricsLogger, device_peak_flops, plot_loss_svg, re
 from pretrain.model import LanguageModel
 from pretrain.parallelize import (apply_activation_checkpointing, apply_sequence_parallel, apply_tensor_parallel,
                                   sequence_slice, set_kernel_backend, validate_parallel)
+from pretrain.run_dir import RunDirLock, clashing_checkpoints, move_aside, refuse_clash
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint saved, run me again"
 PREEMPTED_MARKER = "preempted.json"  # written beside the checkpoints on a preemption exit
@@ -150,6 +153,23 @@ def check_resume_compatible(cfg: Config, state: dict, tokenizer_checksum: str, d
                               f"(checkpoint {state['config']['parallel']['zero_stage']}, this run {cfg.parallel.zero_stage})")
 
 
+def lock_run_dir(lock: RunDirLock, rank: int, world: int) -> None:
+    """Rank 0 takes the run dir's lock (pretrain/run_dir.py: one lock for the job on the shared
+    filesystem); every rank raises the same one-line error when another trainer holds it."""
+    error = None
+    if rank == 0:
+        try:
+            lock.acquire()
+        except ConfigError as exc:
+            error = str(exc)
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise ConfigError(error)
+
+
 def build_loader(cfg: Config, dims: ParallelDims, split: str = "train") -> TokenLoader:
     """This dp rank's batches of data.path, or of the data.mix datasets mixed by weight."""
     d = cfg.data
@@ -262,7 +282,16 @@ def kernel_fallbacks() -> list[str]:
 
 
 def train(cfg: Config) -> dict:
-    """Run (or resume) the job described by cfg; returns a summary dict."""
+    """Run (or resume) the job described by cfg; returns a summary dict. The run dir is locked
+    against a second trainer from before it is read until the run ends (pretrain/run_dir.py)."""
+    lock = RunDirLock(cfg.train.run_dir)
+    try:
+        return _train(cfg, lock)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, lock: RunDirLock) -> dict:
     import deepspeed
     from tqdm import tqdm
 
@@ -290,17 +319,27 @@ def train(cfg: Config) -> dict:
                           f"({loader.vocab_size}) in {loader.data_dir}; set model.vocab_size>={loader.vocab_size}")
 
     run_dir = Path(t.run_dir)
-    resume_from = None
-    if t.resume == "auto":
-        resume_from = ckpt_lib.find_latest(run_dir, report=lambda msg: print(msg, flush=True) if rank == 0 else None)
+    lock_run_dir(lock, rank, world)
+    resume_from, damaged = None, []
+    if t.resume == "auto":  # collective: files re-hashed; a damaged newer checkpoint is reported and skipped
+        resume_from = ckpt_lib.find_latest(run_dir, report=lambda msg: print(msg, flush=True) if rank == 0 else None,
+                                           verify=True, skipped=damaged)
     elif t.resume != "none":
         resume_from = Path(t.resume)
         why = ckpt_lib.damage(resume_from) if resume_from.is_dir() else "it does not exist"
         if why is not None:
             raise ConfigError(f"train.resume={t.resume} is not a loadable checkpoint ({why}); pass "
                               f"<run_dir>/checkpoints/step_XXXXXXXX, train.resume=auto or train.resume=none")
-    if resume_from is not None:
-        check_resume_compatible(cfg, ckpt_lib.read_trainer_state(resume_from), loader.tokenizer_checksum, dims)
+        ckpt_lib.verify_checksums(resume_from)
+    resumed = ckpt_lib.read_trainer_state(resume_from) if resume_from is not None else None
+    if resumed is not None:
+        check_resume_compatible(cfg, resumed, loader.tokenizer_checksum, dims)
+    # One run per run dir (pretrain/run_dir.py): no checkpoint of a later step or of another run.
+    clash = clashing_checkpoints(run_dir, resumed, damaged)
+    if clash and not t.overwrite:
+        refuse_clash(run_dir, clash, t.resume, resumed["step"] if resumed else 0)
+    # The run's lineage: inherited on resume, new from step 0 (only rank 0 writes trainer_state).
+    lineage = (resumed or {}).get("lineage") or uuid.uuid4().hex
 
     torch.manual_seed(t.seed)  # the same full weights on every rank; the plans keep each rank's shard
     model = LanguageModel(cfg.model)
@@ -316,14 +355,9 @@ def train(cfg: Config) -> dict:
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=deepspeed_config(cfg, dtype),
                                                            mpu=dims.mpu() if dims.tp * dims.sp > 1 else None)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     step, tokens_seen, skipped = 0, 0, 0
     if resume_from is not None:
-        ckpt_lib.verify_checksums(resume_from)
         if ckpt_lib.needs_reshard(ckpt_lib.read_trainer_state(resume_from), dims):
             trainer_state, rank_state = ckpt_lib.load_resharded(engine, resume_from, dims)
         else:
@@ -335,6 +369,13 @@ def train(cfg: Config) -> dict:
             raise ConfigError(f"cannot resume from {resume_from}: {exc}") from None
         ckpt_lib.set_rng_state(rank_state["rng"])
     # The seed (and RNG restore on resume) come before anything random on the training path.
+    if rank == 0:  # the first writes to the run dir, after every check that can refuse the run
+        if clash:  # train.overwrite=true
+            aside = move_aside(run_dir, clash, new_run=resumed is None)
+            print(f"moved the earlier run's checkpoints to {aside} ({', '.join(c.name for c in clash)}; "
+                  f"train.overwrite=true)", flush=True)
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum * dims.dp
     peak = device_peak_flops(device, t.peak_tflops)
@@ -356,7 +397,7 @@ def train(cfg: Config) -> dict:
         trainer_state = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
                          "config": to_dict(cfg), "tokenizer_checksum": loader.tokenizer_checksum,
                          "world_size": world, "topology": {"dp": dims.dp, "sp": dims.sp, "tp": dims.tp},
-                         "shard_specs": ckpt_lib.shard_specs(engine.module)}
+                         "shard_specs": ckpt_lib.shard_specs(engine.module), "lineage": lineage}
         rank_state = {"rng": ckpt_lib.rng_state(), "loader": loader.state_dict()}
         return ckpt_lib.save_checkpoint(engine, run_dir, at_step, trainer_state, rank_state, t.keep_last,
                                         t.keep_every)
