@@ -11,12 +11,15 @@ g = start + w, start + w + W, ... and the DataLoader hands them back in round-ro
 is the order g: the batches are exactly those of num_workers = 0. The state is the position of
 the next batch the caller gets (not how far the workers read ahead), so a run resumes exactly
 with any number of workers, the same or another. Each worker reads (and caches) the shards it
-needs itself.
+needs itself. Workers ignore SIGTERM and SIGUSR1: Slurm signals every process of a job step
+(`scancel --signal=TERM JOB.0`), and the trainer's handler, not a dying worker, must decide
+what happens (save a checkpoint and exit to be requeued).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -87,6 +90,20 @@ def _as_batch(windows: torch.Tensor, doc_start: torch.Tensor, pin_memory: bool) 
     if pin_memory and torch.cuda.is_available():
         batch = {k: v.pin_memory() for k, v in batch.items()}
     return batch
+
+
+PREEMPTION_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+
+
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """A worker's first act: leave SIGTERM / SIGUSR1 to the trainer (torch's own SIGTERM handler
+    in workers would exit, and the trainer would die of "DataLoader worker killed"). They were
+    blocked since the fork (see TokenLoader.__next__), so one sent meanwhile is dropped here too.
+    The trainer still stops its workers: through the DataLoader's shutdown, or their watchdog
+    when it dies."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)
 
 
 class _WorkerBatches(IterableDataset):
@@ -220,9 +237,15 @@ class TokenLoader:
             windows, doc_start, new_bad = self._assemble(self.position)
         else:
             if self._workers is None:
-                self._workers = iter(DataLoader(
-                    _WorkerBatches(self._assemble, self.position), batch_size=None,
-                    num_workers=self.num_workers, prefetch_factor=self.prefetch_factor))
+                # Workers are forked with the preemption signals blocked, until they ignore them.
+                mask = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+                try:
+                    self._workers = iter(DataLoader(
+                        _WorkerBatches(self._assemble, self.position), batch_size=None,
+                        num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
+                        worker_init_fn=_ignore_preemption_signals))
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             windows, doc_start, new_bad = next(self._workers)
             if windows is None:
                 self.close()
