@@ -2,353 +2,145 @@
 
 Same math, shapes and conventions as kernels/deltaproduct.py (read its docstrings first): the n_h
 Householder sub-steps of each token are interleaved into L = T·n_h sub-steps, cut into chunks of
-C sub-steps; within a chunk, with γ = cumsum(g) and seg = cumsum(reset) (segment id),
+C sub-steps (C ∈ {16, 32, 64}); the gate and the reset of a token act at its first sub-step, its
+query is read at its last. The kernels (kernels/deltaproduct_triton_fwd.py, _bwd.py give the
+equations) follow flash-linear-attention's chunk_gated_delta_rule / chunk_gated_delta_product:
 
-    D_is  = e^{γ_i-γ_s} [s ≤ i] [seg_s = seg_i]       s0d_i = e^{γ_i} [seg_i = 0]
-    A     = strictly-lower(diag(β) (K Kᵀ) ⊙ D),       Tm = (I + A)^{-1}  (forward substitution)
-    U     = Tm diag(β) V,   Wk = Tm diag(β s0d) K,    W = U - Wk S0      (the effective updates)
-    S_end = s0d_C S0 + Kdᵀ W,                          Kd = diag(D_{C,·}) K
-    O     = scale (diag(s0d) Q S0 + (Q Kᵀ ⊙ D) W)      (Q zero except at each token's last sub-step)
+  forward   wy_fwd (A, the blocked inverse Tm = (I+A)^{-1}, U, Wk)  ->  state_fwd (the chunk
+            walk: each chunk's start state S_c and W = U - Wk S_c)  ->  output_fwd (O at the
+            query rows only: ⌈C/n_h⌉ rows per chunk, not C)
+  backward  dv_local -> state_bwd (the reverse walk: dS per chunk, dW, d initial state)
+            -> dqk (dq, dk's output/state part, dWk, dγ) -> wy_bwd (through the saved Tm:
+            dk, dv, dβ, dγ)
 
-Kernels (all fp32 inside; dots in IEEE fp32 for fp32 inputs, TF32 for bf16/fp16 inputs):
-  _wy_fwd_kernel        per chunk: D, A, Tm, U, Wk                                 (parallel)
-  _state_fwd_kernel     per (batch·head, dv-block): walks the chunks carrying S,
-                        writes each chunk's start state, W and the final state      (sequential)
-  _output_fwd_kernel    per chunk and dv-block: O, written at query positions only  (parallel)
-  _state_bwd_kernel     per (batch·head, dv-block): walks the chunks backwards carrying dS,
-                        writes dS at each chunk end, dW and d(initial_state)       (sequential)
-  _chunk_bwd_kernel     per chunk: dq, dk, dv, dβ and dγ (recomputing D, A, Tm)    (parallel)
+The forward saves Tm, Wk, W and the chunk start states for the backward, which recomputes
+nothing: per sub-step and head that is C + dk + dv (+ dk·dv/C for the states) numbers in the
+storage dtype, on top of the inputs.
 
-The backward recomputes the forward's chunk terms (one more _wy_fwd + _state_fwd pass) instead
-of saving them, so the autograd graph holds only the inputs. Done in torch, O(L·H) elementwise:
-the chunk-local cumsums γ and seg before the kernels, and after them dg = the chunk-local
-reverse cumsum of dγ read at each token's first sub-step.
+Storage and dot precision (the GPU's numerics are tested under an emulation of tensor-core
+operand rounding, tests/test_deltaproduct_triton.py):
+  - 16-bit inputs: U, Wk, W, the chunk states, dW, dWk, dS per chunk and Tm are stored in the
+    inputs' dtype; the state walks carry S and dS in fp32 and round them to 16 bits only as a dot
+    operand, as flash-linear-attention does. Every dot has 16-bit operands: exact products, fp32
+    accumulation. Partial gradients (dk's first part, dγ) stay fp32.
+  - fp32 inputs: everything is stored in fp32 and every dot runs with input_precision "tf32x3"
+    (three TF32 tensor-core passes, about fp32's accuracy): plain TF32 keeps 10 mantissa bits,
+    and through the recurrent state update that costs ~1e-3 relative error on the outputs and
+    ~1e-2 on dk at head_dim 128 (measured under the emulation), too much for fp32 inputs.
+  - The inverse's 16×16 merges are IEEE fp32 in both cases.
 
-Reset: reset[b, t] zeroes the state before token t; it acts at t's first sub-step (seg bumps).
-T·n_h need not be a multiple of C: the tail chunk reads zeros (k = v = β = 0, g = 0), which
-leave the state unchanged.
-
-Dot shapes: Triton needs every dot dimension ≥ 16, so C, dk and dv must be ≥ 16 (dk and dv are
-padded to powers of two internally and masked).
+Launch rules (no autotuning that runs kernels): chunk-parallel kernels run one program per
+(chunk, batch·head) with 64-wide dk/dv blocks; the two state walks run one program per (batch·head,
+dv block), with the dv block the widest power of two in [16, 64] that still gives at least one
+program per SM (132 on H100/H200, the device's count on CUDA), so that 7B (B=1, H=32) launches
+256 programs. num_warps and num_stages follow the tile sizes (_Launch).
 """
+
+import os
 
 import torch
 import triton
-import triton.language as tl
 
-__all__ = ["deltaproduct_triton"]
+from kernels.deltaproduct_triton_bwd import (dkw_kernel, dq_kernel, dv_local_kernel, state_bwd_kernel,
+                                             wy_bwd_kernel)
+from kernels.deltaproduct_triton_fwd import output_fwd_kernel, state_fwd_kernel, wy_fwd_kernel
 
+__all__ = ["deltaproduct_triton", "CHUNK_SIZES"]
 
-# ---------------------------------------------------------------------------------------------
-# Shared pieces
-
-
-@triton.jit
-def _decay(gamma, seg, C: tl.constexpr):
-    """D (C×C intra-chunk decay and segment mask) and s0d (decay from the chunk start)."""
-    rows = tl.arange(0, C)
-    incl = (rows[:, None] >= rows[None, :]) & (seg[:, None] == seg[None, :])
-    # exp of masked differences γ_i - γ_s ≤ 0 only: nothing overflows.
-    D = tl.where(incl, tl.exp(tl.where(incl, gamma[:, None] - gamma[None, :], 0.0)), 0.0)
-    s0d = tl.where(seg == 0, tl.exp(gamma), 0.0)
-    return D, s0d
+CHUNK_SIZES = (16, 32, 64)  # the blocked inverse merges 1, 2 or 4 blocks of 16
 
 
-@triton.jit
-def _last_row_decay(gamma, seg, gamma_last, seg_last):
-    """D's last row e^{γ_C-γ_s}[seg_s = seg_C] and s0d_C = e^{γ_C}[seg_C = 0]."""
-    dlast = tl.where(seg == seg_last, tl.exp(tl.where(seg == seg_last, gamma_last - gamma, 0.0)), 0.0)
-    s0last = tl.where(seg_last == 0, tl.exp(gamma_last), 0.0)
-    return dlast, s0last
+def _pow2(n):
+    return max(16, triton.next_power_of_2(n))
 
 
-@triton.jit
-def _unit_lower_inverse(A, C: tl.constexpr):
-    """(I + A)^{-1} for strictly lower A, by forward substitution: Tm_i = e_i - Σ_{j<i} A_ij Tm_j."""
-    rows = tl.arange(0, C)
-    Tm = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
-    for i in range(1, C):
-        a_i = tl.sum(tl.where(rows[:, None] == i, A, 0.0), axis=0)  # row i of A (zero for j ≥ i)
-        t_i = tl.where(rows == i, 1.0, 0.0) - tl.sum(a_i[:, None] * Tm, axis=0)
-        Tm = tl.where(rows[:, None] == i, t_i[None, :], Tm)
-    return Tm
+def _sm_count(device) -> int:
+    """Streaming multiprocessors of the device the kernels run on; 132 (H100/H200) off-GPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
 
 
-@triton.jit
-def _load_chunk_k(k_ptr, b, h, p, valid, d, L, H: tl.constexpr, DK: tl.constexpr):
-    """K rows [C, BK] of sub-steps p; k is [B, T, n_h, H, dk] = [B, L, H, dk] contiguous."""
-    ptr = k_ptr + b * L * H * DK + p[:, None] * (H * DK) + h * DK + d[None, :]
-    return tl.load(ptr, mask=valid[:, None] & (d[None, :] < DK), other=0.0).to(tl.float32)
+class _Launch:
+    """Sizes, block shapes, dtypes and launch parameters of one call."""
 
+    # Dot input precision for fp32 operands (16-bit operands ignore it), and for 16-bit inputs the
+    # dtypes of the stored chunk terms (None: the inputs' dtype). Tests override them to show what
+    # the alternatives would cost.
+    FP32_PRECISION = "tf32x3"  # the chunk-parallel kernels' dots
+    FP32_STATE_PRECISION = "tf32x3"  # the state walks' dots (S and dS couple across chunks)
+    # fp32 inputs run chunks of at most this many sub-steps: their tf32x3 dots hold each fp32
+    # operand in three parts, and C×C = 64×64 tiles then spill on sm_80/sm_90 (tests raise it to
+    # 64 to exercise the same math at the configs' chunk).
+    FP32_MAX_CHUNK = 32
+    HALF_STORE = None  # U, Wk, W, dW, dWk, dW_local
+    HALF_STATE = None  # the chunk start states and dS per chunk
+    HALF_TM = None  # the inverse Tm
 
-@triton.jit
-def _load_chunk_q(q_ptr, b, h, p, is_q, d, T, NH: tl.constexpr, H: tl.constexpr, DK: tl.constexpr):
-    """Q rows [C, BK]: token p // n_h's query at its last sub-step, zero elsewhere."""
-    t = p // NH
-    ptr = q_ptr + b * T * H * DK + t[:, None] * (H * DK) + h * DK + d[None, :]
-    return tl.load(ptr, mask=is_q[:, None] & (d[None, :] < DK), other=0.0).to(tl.float32)
+    def __init__(self, k, v, C, device):
+        self.B, self.T, self.n_h, self.H, self.dk = k.shape
+        self.dv = v.shape[-1]
+        self.C = C
+        self.L = self.T * self.n_h
+        self.NC = -(-self.L // C)
+        self.Lp = self.NC * C
+        self.BH = self.B * self.H
+        # Query rows per chunk: the tokens whose last sub-step falls in it, at most ⌈C / n_h⌉.
+        self.R = _pow2(-(-C // self.n_h))
+        self.BKF = _pow2(self.dk)  # the state's rows, whole
+        # State walks: enough (batch·head, dv block) programs to fill the GPU, blocks >= 16 wide,
+        # and at most 8192 fp32 state numbers per program (64 registers/thread at 4 warps).
+        bv = min(_pow2(self.dv), 64, max(16, 8192 // self.BKF))
+        while bv > 16 and self.BH * triton.cdiv(self.dv, bv) < _sm_count(device):
+            bv //= 2
+        self.BVS = bv
+        self.NVS = triton.cdiv(self.dv, bv)
 
+        half = k.dtype in (torch.bfloat16, torch.float16)
+        self.store_dtype = (self.HALF_STORE or k.dtype) if half else torch.float32
+        self.state_dtype = (self.HALF_STATE or k.dtype) if half else torch.float32
+        self.tm_dtype = torch.float32
+        self.tm_prec = "tf32" if half else self.FP32_PRECISION
+        self.inv_prec = "tf32" if half else self.FP32_PRECISION
+        import triton.language as tl
+        tlmap = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+        self.tmd = tlmap[k.dtype] if (half and os.environ.get("DP_TM16", "1") == "1") else tl.float32
+        self.common = dict(H=self.H, DK=self.dk, DV=self.dv, C=C, PREC=self.FP32_PRECISION)
+        self.state_common = dict(self.common, PREC=self.FP32_STATE_PRECISION)
+        bk, bvv = min(self.BKF, 64), min(_pow2(self.dv), 64)
+        self.kcfg = {}
+        for name, (kb, vb, w, st) in dict(
+                wy_fwd=(bk, bvv, 4, 2), state_fwd=(bk, self.BVS, 4, 2),
+                output_fwd=(bk, bvv, 4, 2), dv_local=(bk, bvv, 4, 2),
+                state_bwd=(bk, self.BVS, 4, 2), dq=(min(bk, 32), bvv, 4, 2),
+                dkw=(min(bk, 32), bvv, 4, 2),
+                wy_bwd=(min(bk, 32), min(bvv, 32), 4, 2)).items():
+            env = os.environ.get("DP_" + name.upper())
+            if env:
+                kb, vb, w, st = (int(x) for x in env.split(","))
+                kb, vb = min(kb, self.BKF), min(vb, _pow2(self.dv))
+            self.kcfg[name] = (kb, vb, w, st)
+        # dq_kernel and dkw_kernel write one γ-gradient part per dk block: one block size.
+        self.kcfg["dkw"] = (self.kcfg["dq"][0],) + self.kcfg["dkw"][1:]
+        self.NK = triton.cdiv(self.dk, self.kcfg["dq"][0])
 
-# ---------------------------------------------------------------------------------------------
-# Forward
-
-
-@triton.jit
-def _wy_fwd_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, seg_ptr, u_ptr, wk_ptr, L, Lp,
-                   H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
-                   BK: tl.constexpr, BVF: tl.constexpr, PREC: tl.constexpr):
-    pid_c, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // H).to(tl.int64), pid_bh % H
-    p = pid_c * C + tl.arange(0, C)
-    valid = p < L
-    dk_i, dv_i = tl.arange(0, BK), tl.arange(0, BVF)
-    K = _load_chunk_k(k_ptr, b, h, p, valid, dk_i, L, H, DK)
-    V = tl.load(v_ptr + b * L * H * DV + p[:, None] * (H * DV) + h * DV + dv_i[None, :],
-                mask=valid[:, None] & (dv_i[None, :] < DV), other=0.0).to(tl.float32)
-    beta = tl.load(beta_ptr + b * L * H + p * H + h, mask=valid, other=0.0).to(tl.float32)
-    gamma = tl.load(gamma_ptr + pid_bh.to(tl.int64) * Lp + p)
-    seg = tl.load(seg_ptr + b * Lp + p)
-
-    D, s0d = _decay(gamma, seg, C)
-    rows = tl.arange(0, C)
-    KK = tl.dot(K, tl.trans(K), input_precision=PREC)
-    A = tl.where(rows[:, None] > rows[None, :], beta[:, None] * KK * D, 0.0)
-    Tm = _unit_lower_inverse(A, C)
-    U = tl.dot(Tm, beta[:, None] * V, input_precision=PREC)
-    Wk = tl.dot(Tm, (beta * s0d)[:, None] * K, input_precision=PREC)
-
-    base = pid_bh.to(tl.int64) * Lp
-    tl.store(u_ptr + (base + p[:, None]) * DV + dv_i[None, :], U, mask=dv_i[None, :] < DV)
-    tl.store(wk_ptr + (base + p[:, None]) * DK + dk_i[None, :], Wk, mask=dk_i[None, :] < DK)
-
-
-@triton.jit
-def _state_fwd_kernel(k_ptr, u_ptr, wk_ptr, gamma_ptr, seg_ptr, s0_ptr, sstart_ptr, w_ptr,
-                      final_ptr, L, Lp, NC,
-                      H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
-                      BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
-                      PREC: tl.constexpr):
-    """S_{c+1} = s0d_C S_c + Kdᵀ (U - Wk S_c), for one dv-block of one (batch, head)."""
-    pid_bh, pid_v = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // H).to(tl.int64), pid_bh % H
-    bh = pid_bh.to(tl.int64)
-    dk_i = tl.arange(0, BK)
-    dv_i = pid_v * BV + tl.arange(0, BV)
-    s_mask = (dk_i[:, None] < DK) & (dv_i[None, :] < DV)
-    s_off = dk_i[:, None] * DV + dv_i[None, :]
-    if HAS_INIT:
-        S = tl.load(s0_ptr + bh * DK * DV + s_off, mask=s_mask, other=0.0).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
-    for c in range(NC):
-        tl.store(sstart_ptr + (bh * NC + c) * DK * DV + s_off, S, mask=s_mask)
-        p = c * C + tl.arange(0, C)
-        valid = p < L
-        K = _load_chunk_k(k_ptr, b, h, p, valid, dk_i, L, H, DK)
-        Wk = tl.load(wk_ptr + (bh * Lp + p[:, None]) * DK + dk_i[None, :],
-                     mask=dk_i[None, :] < DK, other=0.0)
-        U = tl.load(u_ptr + (bh * Lp + p[:, None]) * DV + dv_i[None, :],
-                    mask=dv_i[None, :] < DV, other=0.0)
-        W = U - tl.dot(Wk, S, input_precision=PREC)
-        tl.store(w_ptr + (bh * Lp + p[:, None]) * DV + dv_i[None, :], W, mask=dv_i[None, :] < DV)
-        gamma = tl.load(gamma_ptr + bh * Lp + p)
-        seg = tl.load(seg_ptr + b * Lp + p)
-        gamma_last = tl.load(gamma_ptr + bh * Lp + c * C + C - 1)
-        seg_last = tl.load(seg_ptr + b * Lp + c * C + C - 1)
-        dlast, s0last = _last_row_decay(gamma, seg, gamma_last, seg_last)
-        S = s0last * S + tl.dot(tl.trans(dlast[:, None] * K), W, input_precision=PREC)
-    tl.store(final_ptr + bh * DK * DV + s_off, S, mask=s_mask)
-
-
-@triton.jit
-def _output_fwd_kernel(q_ptr, k_ptr, gamma_ptr, seg_ptr, sstart_ptr, w_ptr, o_ptr, scale,
-                       T, L, Lp, NC,
-                       NH: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """O = scale (diag(s0d) Q S0 + (Q Kᵀ ⊙ D) W), stored at each token's last sub-step."""
-    pid_c, pid_bh, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = (pid_bh // H).to(tl.int64), pid_bh % H
-    bh = pid_bh.to(tl.int64)
-    p = pid_c * C + tl.arange(0, C)
-    valid = p < L
-    is_q = valid & (p % NH == NH - 1)
-    dk_i = tl.arange(0, BK)
-    dv_i = pid_v * BV + tl.arange(0, BV)
-    Q = _load_chunk_q(q_ptr, b, h, p, is_q, dk_i, T, NH, H, DK)
-    K = _load_chunk_k(k_ptr, b, h, p, valid, dk_i, L, H, DK)
-    gamma = tl.load(gamma_ptr + bh * Lp + p)
-    seg = tl.load(seg_ptr + b * Lp + p)
-    D, s0d = _decay(gamma, seg, C)
-    S0 = tl.load(sstart_ptr + (bh * NC + pid_c) * DK * DV + dk_i[:, None] * DV + dv_i[None, :],
-                 mask=(dk_i[:, None] < DK) & (dv_i[None, :] < DV), other=0.0)
-    W = tl.load(w_ptr + (bh * Lp + p[:, None]) * DV + dv_i[None, :], mask=dv_i[None, :] < DV,
-                other=0.0)
-    P = tl.dot(Q, tl.trans(K), input_precision=PREC) * D
-    O = scale * (s0d[:, None] * tl.dot(Q, S0, input_precision=PREC)
-                 + tl.dot(P, W, input_precision=PREC))
-    t = p // NH
-    tl.store(o_ptr + b * T * H * DV + t[:, None] * (H * DV) + h * DV + dv_i[None, :],
-             O.to(o_ptr.dtype.element_ty), mask=is_q[:, None] & (dv_i[None, :] < DV))
-
-
-# ---------------------------------------------------------------------------------------------
-# Backward
-
-
-@triton.jit
-def _state_bwd_kernel(q_ptr, k_ptr, wk_ptr, gamma_ptr, seg_ptr, do_ptr, dfinal_ptr, dsend_ptr,
-                      dw_ptr, ds0_ptr, scale, T, L, Lp, NC,
-                      NH: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      HAS_DFINAL: tl.constexpr, PREC: tl.constexpr):
-    """Reverse walk: dW = scale Pᵀ dO + Kd dS_end;  dS_start = s0d_C dS_end
-    + scale Qᵀ diag(s0d) dO - Wkᵀ dW  (= Mᵀ dS_end + scale Q_effᵀ dO)."""
-    pid_bh, pid_v = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // H).to(tl.int64), pid_bh % H
-    bh = pid_bh.to(tl.int64)
-    dk_i = tl.arange(0, BK)
-    dv_i = pid_v * BV + tl.arange(0, BV)
-    s_mask = (dk_i[:, None] < DK) & (dv_i[None, :] < DV)
-    s_off = dk_i[:, None] * DV + dv_i[None, :]
-    if HAS_DFINAL:
-        dS = tl.load(dfinal_ptr + bh * DK * DV + s_off, mask=s_mask, other=0.0).to(tl.float32)
-    else:
-        dS = tl.zeros([BK, BV], dtype=tl.float32)
-    for i in range(NC):
-        c = NC - 1 - i
-        tl.store(dsend_ptr + (bh * NC + c) * DK * DV + s_off, dS, mask=s_mask)
-        p = c * C + tl.arange(0, C)
-        valid = p < L
-        is_q = valid & (p % NH == NH - 1)
-        Q = _load_chunk_q(q_ptr, b, h, p, is_q, dk_i, T, NH, H, DK)
-        K = _load_chunk_k(k_ptr, b, h, p, valid, dk_i, L, H, DK)
-        t = p // NH
-        dO = tl.load(do_ptr + b * T * H * DV + t[:, None] * (H * DV) + h * DV + dv_i[None, :],
-                     mask=is_q[:, None] & (dv_i[None, :] < DV), other=0.0).to(tl.float32)
-        Wk = tl.load(wk_ptr + (bh * Lp + p[:, None]) * DK + dk_i[None, :],
-                     mask=dk_i[None, :] < DK, other=0.0)
-        gamma = tl.load(gamma_ptr + bh * Lp + p)
-        seg = tl.load(seg_ptr + b * Lp + p)
-        gamma_last = tl.load(gamma_ptr + bh * Lp + c * C + C - 1)
-        seg_last = tl.load(seg_ptr + b * Lp + c * C + C - 1)
-        D, s0d = _decay(gamma, seg, C)
-        dlast, s0last = _last_row_decay(gamma, seg, gamma_last, seg_last)
-        P = tl.dot(Q, tl.trans(K), input_precision=PREC) * D
-        dW = scale * tl.dot(tl.trans(P), dO, input_precision=PREC) \
-            + tl.dot(dlast[:, None] * K, dS, input_precision=PREC)
-        tl.store(dw_ptr + (bh * Lp + p[:, None]) * DV + dv_i[None, :], dW, mask=dv_i[None, :] < DV)
-        dS = s0last * dS + scale * tl.dot(tl.trans(Q), s0d[:, None] * dO, input_precision=PREC) \
-            - tl.dot(tl.trans(Wk), dW, input_precision=PREC)
-    tl.store(ds0_ptr + bh * DK * DV + s_off, dS, mask=s_mask)
-
-
-@triton.jit
-def _chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gamma_ptr, seg_ptr, do_ptr, sstart_ptr,
-                      dsend_ptr, w_ptr, dw_ptr, dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dgamma_ptr,
-                      scale, T, L, Lp, NC,
-                      NH: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                      C: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr, PREC: tl.constexpr):
-    """Given S0, dS_end, W and dW of a chunk: the gradients of its q, k, v, β and γ.
-
-    W = Tm R with R = diag(β)(V - diag(s0d) K S0), so dR = Tmᵀ dW and dA = -dR Wᵀ (strictly
-    lower); A = diag(β)(K Kᵀ) ⊙ D; P = Q Kᵀ ⊙ D with dP = scale dO Wᵀ; S_end = s0d_C S0 + Kdᵀ W.
-    """
-    pid_c, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // H).to(tl.int64), pid_bh % H
-    bh = pid_bh.to(tl.int64)
-    p = pid_c * C + tl.arange(0, C)
-    rows = tl.arange(0, C)
-    valid = p < L
-    is_q = valid & (p % NH == NH - 1)
-    t = p // NH
-    dk_i, dv_i = tl.arange(0, BK), tl.arange(0, BVF)
-    kmask, vmask = dk_i[None, :] < DK, dv_i[None, :] < DV
-    Q = _load_chunk_q(q_ptr, b, h, p, is_q, dk_i, T, NH, H, DK)
-    K = _load_chunk_k(k_ptr, b, h, p, valid, dk_i, L, H, DK)
-    V = tl.load(v_ptr + b * L * H * DV + p[:, None] * (H * DV) + h * DV + dv_i[None, :],
-                mask=valid[:, None] & vmask, other=0.0).to(tl.float32)
-    beta = tl.load(beta_ptr + b * L * H + p * H + h, mask=valid, other=0.0).to(tl.float32)
-    dO = tl.load(do_ptr + b * T * H * DV + t[:, None] * (H * DV) + h * DV + dv_i[None, :],
-                 mask=is_q[:, None] & vmask, other=0.0).to(tl.float32)
-    gamma = tl.load(gamma_ptr + bh * Lp + p)
-    seg = tl.load(seg_ptr + b * Lp + p)
-    gamma_last = tl.load(gamma_ptr + bh * Lp + pid_c * C + C - 1)
-    seg_last = tl.load(seg_ptr + b * Lp + pid_c * C + C - 1)
-    s_off = dk_i[:, None] * DV + dv_i[None, :]
-    s_mask = (dk_i[:, None] < DK) & vmask
-    S0 = tl.load(sstart_ptr + (bh * NC + pid_c) * DK * DV + s_off, mask=s_mask, other=0.0)
-    dSe = tl.load(dsend_ptr + (bh * NC + pid_c) * DK * DV + s_off, mask=s_mask, other=0.0)
-    W = tl.load(w_ptr + (bh * Lp + p[:, None]) * DV + dv_i[None, :], mask=vmask, other=0.0)
-    dW = tl.load(dw_ptr + (bh * Lp + p[:, None]) * DV + dv_i[None, :], mask=vmask, other=0.0)
-
-    D, s0d = _decay(gamma, seg, C)
-    dlast, s0last = _last_row_decay(gamma, seg, gamma_last, seg_last)
-    strict = rows[:, None] > rows[None, :]
-    KK = tl.dot(K, tl.trans(K), input_precision=PREC)
-    Tm = _unit_lower_inverse(tl.where(strict, beta[:, None] * KK * D, 0.0), C)
-
-    # Through R = diag(β)(V - diag(s0d) K S0).
-    dR = tl.dot(tl.trans(Tm), dW, input_precision=PREC)
-    KS0 = tl.dot(K, S0, input_precision=PREC)
-    dV = beta[:, None] * dR
-    dbeta = tl.sum(dR * (V - s0d[:, None] * KS0), axis=1)
-    dK = -(beta * s0d)[:, None] * tl.dot(dR, tl.trans(S0), input_precision=PREC)
-    ds0d = -beta * tl.sum(KS0 * dR, axis=1)
-
-    # Through Tm = (I + A)^{-1}: dA = -dR Wᵀ on the strict lower part.
-    dA = tl.where(strict, -tl.dot(dR, tl.trans(W), input_precision=PREC), 0.0)
-    dbeta += tl.sum(dA * KK * D, axis=1)
-    G = dA * D * beta[:, None]
-    dK += tl.dot(G, K, input_precision=PREC) + tl.dot(tl.trans(G), K, input_precision=PREC)
-    dD = dA * beta[:, None] * KK
-
-    # Through O = scale (diag(s0d) Q S0 + (Q Kᵀ ⊙ D) W).
-    dP = scale * tl.dot(dO, tl.trans(W), input_precision=PREC)
-    dPD = dP * D
-    dQ = tl.dot(dPD, K, input_precision=PREC) \
-        + scale * s0d[:, None] * tl.dot(dO, tl.trans(S0), input_precision=PREC)
-    dK += tl.dot(tl.trans(dPD), Q, input_precision=PREC)
-    dD += dP * tl.dot(Q, tl.trans(K), input_precision=PREC)
-    ds0d += scale * tl.sum(tl.dot(Q, S0, input_precision=PREC) * dO, axis=1)
-
-    # Through S_end = s0d_C S0 + (diag(dlast) K)ᵀ W.
-    dKd = tl.dot(W, tl.trans(dSe), input_precision=PREC)
-    dK += dlast[:, None] * dKd
-    ddlast = tl.sum(K * dKd, axis=1)
-    ds0last = tl.sum(tl.sum(S0 * dSe, axis=1), axis=0)
-
-    # γ enters as e^{γ_i-γ_s} (D, dlast) and e^{γ_i} (s0d, s0d_C).
-    E = dD * D
-    last_terms = tl.sum(ddlast * dlast, axis=0) + ds0last * s0last
-    dgamma = tl.sum(E, axis=1) - tl.sum(E, axis=0) + ds0d * s0d - ddlast * dlast \
-        + tl.where(rows == C - 1, last_terms, 0.0)
-
-    tl.store(dq_ptr + b * T * H * DK + t[:, None] * (H * DK) + h * DK + dk_i[None, :], dQ,
-             mask=is_q[:, None] & kmask)
-    tl.store(dk_ptr + b * L * H * DK + p[:, None] * (H * DK) + h * DK + dk_i[None, :], dK,
-             mask=valid[:, None] & kmask)
-    tl.store(dv_ptr + b * L * H * DV + p[:, None] * (H * DV) + h * DV + dv_i[None, :], dV,
-             mask=valid[:, None] & vmask)
-    tl.store(dbeta_ptr + b * L * H + p * H + h, dbeta, mask=valid)
-    tl.store(dgamma_ptr + bh * Lp + p, dgamma)
-
-
-# ---------------------------------------------------------------------------------------------
-# Host side
+    def launch(self, name):
+        kb, vb, w, st = self.kcfg[name]
+        return dict(BK=kb, BV=vb, num_warps=w, num_stages=st)
 
 
 def _gate_and_segments(g, reset, B, T, n_h, H, C, device):
-    """γ [B,H,Lp] fp32 (chunk-local cumsum of the sub-step gates) and seg [B,Lp] int32."""
+    """γ [B·H, Lp] fp32 (chunk-local cumsum of the sub-step gates) and seg [B, Lp] int32."""
     L = T * n_h
     NC = -(-L // C)
     Lp = NC * C
     if g is None:
-        gamma = torch.zeros(B, H, Lp, dtype=torch.float32, device=device)
+        gamma = torch.zeros(B * H, Lp, dtype=torch.float32, device=device)
     else:
         g_sub = torch.zeros(B, T, n_h, H, dtype=torch.float32, device=device)
         g_sub[:, :, 0] = g.float()
         g_sub = torch.nn.functional.pad(g_sub.reshape(B, L, H), (0, 0, 0, Lp - L))
-        gamma = g_sub.view(B, NC, C, H).cumsum(2).permute(0, 3, 1, 2).reshape(B, H, Lp)
+        gamma = g_sub.view(B, NC, C, H).cumsum(2).permute(0, 3, 1, 2).reshape(B * H, Lp)
         gamma = gamma.contiguous()
     if reset is None:
         seg = torch.zeros(B, Lp, dtype=torch.int32, device=device)
@@ -360,98 +152,105 @@ def _gate_and_segments(g, reset, B, T, n_h, H, C, device):
     return gamma, seg
 
 
-def _pow2(n):
-    return max(16, triton.next_power_of_2(n))
+def _forward(q, k, v, beta, gamma, seg, initial_state, scale, lc):
+    dev = k.device
+    BH, Lp, NC, C = lc.BH, lc.Lp, lc.NC, lc.C
+    sd = dict(dtype=lc.store_dtype, device=dev)
+    Tm = torch.empty(BH, Lp, C, dtype=lc.tm_dtype, device=dev)
+    U = torch.empty(BH, Lp, lc.dv, **sd)
+    Wk = torch.empty(BH, Lp, lc.dk, **sd)
+    wy_fwd_kernel[(NC, BH)](k, v, beta, gamma, seg, Tm, U, Wk, lc.L, Lp, TM_PREC=lc.tm_prec,
+                            INV_PREC=lc.inv_prec, TMD=lc.tmd, **lc.launch("wy_fwd"), **lc.common)
+    S_start = torch.empty(BH, NC, lc.dk, lc.dv, dtype=lc.state_dtype, device=dev)
+    W = torch.empty(BH, Lp, lc.dv, **sd)
+    final = torch.empty(lc.B, lc.H, lc.dk, lc.dv, dtype=torch.float32, device=dev)
+    has_init = initial_state is not None
+    state_fwd_kernel[(BH, lc.NVS)](
+        k, U, Wk, gamma, seg, initial_state if has_init else final, S_start, W, final,
+        lc.L, Lp, NC, HAS_INIT=has_init, **lc.launch("state_fwd"), **lc.state_common)
+    o = torch.empty(lc.B, lc.T, lc.H, lc.dv, dtype=q.dtype, device=dev)
+    output_fwd_kernel[(NC, BH, triton.cdiv(lc.dv, lc.kcfg["output_fwd"][1]))](
+        q, k, gamma, seg, S_start, W, o, scale, lc.T, lc.L, Lp, NC, NH=lc.n_h, R=lc.R,
+        **lc.launch("output_fwd"), **lc.common)
+    return o, final, Tm, Wk, W, S_start
 
 
-class _Launch:
-    """Sizes and launch parameters of one call."""
-
-    def __init__(self, q, k, v, C):
-        self.B, self.T, self.n_h, self.H, self.dk = k.shape
-        self.dv = v.shape[-1]
-        self.C = C
-        self.L = self.T * self.n_h
-        self.NC = -(-self.L // C)
-        self.Lp = self.NC * C
-        self.BK, self.BVF = _pow2(self.dk), _pow2(self.dv)
-        self.BV = min(self.BVF, 64 if self.BK <= 128 else 32)
-        # IEEE fp32 dots for fp32 inputs (exact tests); TF32 for half inputs, whose own
-        # rounding (8-11 mantissa bits) dominates TF32's 10.
-        self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        self.consts = dict(H=self.H, DK=self.dk, C=C, BK=self.BK, PREC=self.prec)
-
-
-def _forward_terms(q, k, v, beta, gamma, seg, initial_state, lc):
-    """Run the WY and state kernels; return (Wk, S_start, W, final_state), all fp32."""
-    f32 = dict(dtype=torch.float32, device=k.device)
-    B, H, Lp, NC = lc.B, lc.H, lc.Lp, lc.NC
-    U = torch.empty(B, H, Lp, lc.dv, **f32)
-    Wk = torch.empty(B, H, Lp, lc.dk, **f32)
-    _wy_fwd_kernel[(NC, B * H)](k, v, beta, gamma, seg, U, Wk, lc.L, Lp, DV=lc.dv, BVF=lc.BVF,
-                                num_warps=8, **lc.consts)
-    S_start = torch.empty(B, H, NC, lc.dk, lc.dv, **f32)
-    W = torch.empty(B, H, Lp, lc.dv, **f32)
-    final = torch.empty(B, H, lc.dk, lc.dv, **f32)
-    s0 = initial_state.contiguous() if initial_state is not None else final
-    _state_fwd_kernel[(B * H, triton.cdiv(lc.dv, lc.BV))](
-        k, U, Wk, gamma, seg, s0, S_start, W, final, lc.L, Lp, NC, DV=lc.dv, BV=lc.BV,
-        HAS_INIT=initial_state is not None, **lc.consts)
-    return Wk, S_start, W, final
+def _backward(q, k, v, beta, gamma, seg, Tm, Wk, W, S_start, do, dfinal, scale, lc):
+    dev = k.device
+    BH, Lp, NC, C = lc.BH, lc.Lp, lc.NC, lc.C
+    f32 = dict(dtype=torch.float32, device=dev)
+    sd = dict(dtype=lc.store_dtype, device=dev)
+    dWl = torch.empty(BH, Lp, lc.dv, **sd)
+    dv_local_kernel[(NC, BH)](q, k, gamma, seg, do, dWl, scale, lc.T, lc.L, Lp, NH=lc.n_h, R=lc.R,
+                              **lc.launch("dv_local"), **lc.common)
+    dS_end = torch.empty(BH, NC, lc.dk, lc.dv, dtype=lc.state_dtype, device=dev)
+    dW = torch.empty(BH, Lp, lc.dv, **sd)
+    ds0 = torch.empty(lc.B, lc.H, lc.dk, lc.dv, **f32)
+    has_dfinal = dfinal is not None
+    state_bwd_kernel[(BH, lc.NVS)](
+        q, k, Wk, gamma, seg, do, dWl, dfinal if has_dfinal else ds0, dS_end, dW, ds0, scale,
+        lc.T, lc.L, Lp, NC, NH=lc.n_h, R=lc.R, HAS_DFINAL=has_dfinal, **lc.launch("state_bwd"),
+        **lc.state_common)
+    dq = torch.empty(lc.B, lc.T, lc.H, lc.dk, dtype=q.dtype, device=dev)  # every row is a query
+    dKo = torch.empty(BH, Lp, lc.dk, **f32)
+    dKs = torch.empty(BH, Lp, lc.dk, **f32)
+    dWk = torch.empty(BH, Lp, lc.dk, **sd)
+    dgp = torch.empty(2, lc.NK, BH, Lp, **f32)
+    dq_kernel[(lc.NK, NC, BH)](
+        q, k, gamma, seg, do, S_start, W, dq, dKo, dgp[0], scale, lc.T, lc.L, Lp, NC, BH * Lp,
+        NH=lc.n_h, R=lc.R, **lc.launch("dq"), **lc.common)
+    dkw_kernel[(lc.NK, NC, BH)](
+        k, gamma, seg, S_start, dS_end, W, dW, dKs, dWk, dgp[1], lc.L, Lp, NC, BH * Lp,
+        **lc.launch("dkw"), **lc.common)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dbeta = torch.empty_like(beta)
+    dgamma = torch.empty(BH, Lp, **f32)
+    wy_bwd_kernel[(NC, BH)](
+        k, v, beta, gamma, seg, Tm, dW, dWk, dKo, dKs, dgp, dk, dv, dbeta, dgamma, lc.L, Lp, BH * Lp, 0,
+        NK=lc.NK, TM_PREC=lc.tm_prec, TMD=lc.tmd, **lc.launch("wy_bwd"), **lc.common)
+    return dq, dk, dv, dbeta, dgamma, ds0
 
 
 class DeltaProductTritonFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, g, initial_state, reset, scale, chunk_size):
-        q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
-        lc = _Launch(q, k, v, chunk_size)
+        dtypes = (q.dtype, k.dtype, v.dtype)
+        q = q.contiguous()
+        k, v = k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous()
+        beta = beta.contiguous()
+        s0 = initial_state.contiguous() if initial_state is not None else None
+        if q.dtype == torch.float32:
+            chunk_size = min(chunk_size, _Launch.FP32_MAX_CHUNK)
+        lc = _Launch(k, v, chunk_size, q.device)
         gamma, seg = _gate_and_segments(g, reset, lc.B, lc.T, lc.n_h, lc.H, chunk_size, k.device)
-        _, S_start, W, final = _forward_terms(q, k, v, beta, gamma, seg, initial_state, lc)
-        o = torch.empty(lc.B, lc.T, lc.H, lc.dv, dtype=q.dtype, device=q.device)
-        _output_fwd_kernel[(lc.NC, lc.B * lc.H, triton.cdiv(lc.dv, lc.BV))](
-            q, k, gamma, seg, S_start, W, o, scale, lc.T, lc.L, lc.Lp, lc.NC, NH=lc.n_h,
-            DV=lc.dv, BV=lc.BV, **lc.consts)
-        ctx.save_for_backward(q, k, v, beta, g, initial_state, reset)
-        ctx.scale, ctx.chunk_size = scale, chunk_size
+        o, final, Tm, Wk, W, S_start = _forward(q, k, v, beta, gamma, seg, s0, scale, lc)
+        ctx.save_for_backward(q, k, v, beta, gamma, seg, Tm, Wk, W, S_start)
+        ctx.meta = (scale, chunk_size, dtypes, g is not None, g.dtype if g is not None else None,
+                    initial_state.dtype if initial_state is not None else None)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, beta, g, initial_state, reset = ctx.saved_tensors
-        scale, C = ctx.scale, ctx.chunk_size
-        lc = _Launch(q, k, v, C)
-        B, T, n_h, H, L, Lp, NC = lc.B, lc.T, lc.n_h, lc.H, lc.L, lc.Lp, lc.NC
-        gamma, seg = _gate_and_segments(g, reset, B, T, n_h, H, C, k.device)
-        # Recompute the forward's chunk terms rather than keeping them alive between passes.
-        Wk, S_start, W, _ = _forward_terms(q, k, v, beta, gamma, seg, initial_state, lc)
-
-        f32 = dict(dtype=torch.float32, device=k.device)
-        do = do.contiguous() if do is not None else torch.zeros(B, T, H, lc.dv, **f32)
-        dS_end = torch.empty(B, H, NC, lc.dk, lc.dv, **f32)
-        dW = torch.empty(B, H, Lp, lc.dv, **f32)
-        ds0 = torch.empty(B, H, lc.dk, lc.dv, **f32)
-        has_dfinal = dfinal is not None
-        _state_bwd_kernel[(B * H, triton.cdiv(lc.dv, lc.BV))](
-            q, k, Wk, gamma, seg, do, dfinal.contiguous() if has_dfinal else ds0, dS_end, dW, ds0,
-            scale, T, L, Lp, NC, NH=n_h, DV=lc.dv, BV=lc.BV, HAS_DFINAL=has_dfinal, **lc.consts)
-
-        dq = torch.zeros(B, T, H, lc.dk, **f32)  # written at query rows only: all rows covered
-        dk = torch.empty(B, T, n_h, H, lc.dk, **f32)
-        dv = torch.empty(B, T, n_h, H, lc.dv, **f32)
-        dbeta = torch.empty(B, T, n_h, H, **f32)
-        dgamma = torch.empty(B, H, Lp, **f32)
-        _chunk_bwd_kernel[(NC, B * H)](
-            q, k, v, beta, gamma, seg, do, S_start, dS_end, W, dW, dq, dk, dv, dbeta, dgamma,
-            scale, T, L, Lp, NC, NH=n_h, DV=lc.dv, BVF=lc.BVF, num_warps=8, **lc.consts)
-
+        q, k, v, beta, gamma, seg, Tm, Wk, W, S_start = ctx.saved_tensors
+        scale, C, dtypes, has_g, g_dtype, s0_dtype = ctx.meta
+        lc = _Launch(k, v, C, q.device)
+        if do is None:
+            do = torch.zeros(lc.B, lc.T, lc.H, lc.dv, dtype=q.dtype, device=q.device)
+        do = do.to(q.dtype).contiguous()
+        dfinal = dfinal.float().contiguous() if dfinal is not None else None
+        dq, dk, dv, dbeta, dgamma, ds0 = _backward(q, k, v, beta, gamma, seg, Tm, Wk, W, S_start,
+                                                   do, dfinal, scale, lc)
         dg = None
-        if g is not None:
-            # γ = chunk-local cumsum of the sub-step gates -> dg_sub = chunk-local reverse cumsum.
-            dg_sub = dgamma.view(B, H, NC, C).flip(-1).cumsum(-1).flip(-1).reshape(B, H, Lp)
-            dg = dg_sub[:, :, :L].reshape(B, H, T, n_h)[..., 0].transpose(1, 2).to(g.dtype)
-        ds0_out = ds0.to(initial_state.dtype) if initial_state is not None else None
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dg,
-                ds0_out, None, None, None)
+        if has_g:
+            # γ = chunk-local cumsum of the sub-step gates -> dg_sub = chunk-local reverse cumsum,
+            # read at each token's first sub-step (where its gate acts).
+            B, H, T, n_h, NC = lc.B, lc.H, lc.T, lc.n_h, lc.NC
+            dg_sub = dgamma.view(B, H, NC, C).flip(-1).cumsum(-1).flip(-1).reshape(B, H, lc.Lp)
+            dg = dg_sub[:, :, :lc.L].reshape(B, H, T, n_h)[..., 0].transpose(1, 2).to(g_dtype)
+        ds0 = ds0.to(s0_dtype) if s0_dtype is not None else None
+        return (dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), dbeta, dg, ds0, None, None,
+                None)
 
 
 def deltaproduct_triton(q, k, v, beta, g=None, scale=None, initial_state=None, reset=None,
@@ -462,9 +261,9 @@ def deltaproduct_triton(q, k, v, beta, g=None, scale=None, initial_state=None, r
     (o [B,T,H,dv] in q's dtype, final_state [B,H,dk,dv] fp32).
     """
     dk, dv = k.shape[-1], v.shape[-1]
-    if chunk_size < 16 or chunk_size & (chunk_size - 1) or dk < 16 or dv < 16:
+    if chunk_size not in CHUNK_SIZES or dk < 16 or dv < 16:
         raise ValueError(
-            f"the Triton DeltaProduct needs chunk_size a power of two >= 16 and dk, dv >= 16; "
+            f"the Triton DeltaProduct needs chunk_size in {CHUNK_SIZES} and dk, dv >= 16; "
             f"got chunk_size={chunk_size}, dk={dk}, dv={dv}")
     scale = dk**-0.5 if scale is None else float(scale)
     return DeltaProductTritonFunction.apply(q, k, v, beta, g, initial_state, reset, scale,
