@@ -40,10 +40,12 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 from kernels.deltaproduct_triton_bwd import (dkw_kernel, dq_kernel, dv_local_kernel, state_bwd_kernel,
                                              wy_bwd_kernel)
-from kernels.deltaproduct_triton_fwd import output_fwd_kernel, state_fwd_kernel, wy_fwd_kernel
+from kernels.deltaproduct_triton_fwd import (output_fwd_kernel, set_interpreter_bf16_upcast,
+                                             state_fwd_kernel, wy_fwd_kernel)
 
 __all__ = ["deltaproduct_triton", "CHUNK_SIZES"]
 
@@ -64,18 +66,24 @@ def _sm_count(device) -> int:
 class _Launch:
     """Sizes, block shapes, dtypes and launch parameters of one call."""
 
-    # Dot input precision for fp32 operands (16-bit operands ignore it), and for 16-bit inputs the
-    # dtypes of the stored chunk terms (None: the inputs' dtype). Tests override them to show what
-    # the alternatives would cost.
+    # Dot input precision for fp32 inputs (16-bit operands ignore it); tests override it to show
+    # what plain TF32 would cost.
     FP32_PRECISION = "tf32x3"  # the chunk-parallel kernels' dots
     FP32_STATE_PRECISION = "tf32x3"  # the state walks' dots (S and dS couple across chunks)
-    # fp32 inputs run chunks of at most this many sub-steps: their tf32x3 dots hold each fp32
-    # operand in three parts, and C×C = 64×64 tiles then spill on sm_80/sm_90 (tests raise it to
-    # 64 to exercise the same math at the configs' chunk).
+    # fp32 inputs run chunks of at most this many sub-steps: tf32x3 holds each fp32 operand in
+    # three parts, and C×C = 64×64 tiles then spill on sm_80 and sm_90 (the result is the same
+    # up to rounding; tests raise it to 64 to check the configs' chunk exactly).
     FP32_MAX_CHUNK = 32
-    HALF_STORE = None  # U, Wk, W, dW, dWk, dW_local
-    HALF_STATE = None  # the chunk start states and dS per chunk
-    HALF_TM = None  # the inverse Tm
+
+    # (BK, BV, num_warps, num_stages) per kernel: the dk / dv block of its loops (the state walks'
+    # BK is the state's row block, their BV comes from the SM count), chosen with
+    # kernels.offline_compile so that every kernel compiles for sm_80 and sm_90 at head_dim
+    # 48..256 with no register spill. 4 warps throughout: tiles are 64 rows (the chunk) and
+    # Triton puts every warp of a dot chain on the rows, so 8 warps would only replicate them.
+    HALF_BLOCKS = dict(wy_fwd=(64, 64, 4, 2), output_fwd=(64, 64, 4, 2), dv_local=(64, 64, 4, 2),
+                       dq=(64, 64, 4, 2), dkw=(64, 32, 4, 2), wy_bwd=(16, 32, 4, 2))
+    FP32_BLOCKS = dict(wy_fwd=(32, 32, 4, 2), output_fwd=(32, 32, 4, 2), dv_local=(64, 64, 4, 2),
+                       dq=(16, 32, 4, 2), dkw=(16, 32, 4, 2), wy_bwd=(16, 16, 4, 2))
 
     def __init__(self, k, v, C, device):
         self.B, self.T, self.n_h, self.H, self.dk = k.shape
@@ -87,45 +95,40 @@ class _Launch:
         self.BH = self.B * self.H
         # Query rows per chunk: the tokens whose last sub-step falls in it, at most ⌈C / n_h⌉.
         self.R = _pow2(-(-C // self.n_h))
-        self.BKF = _pow2(self.dk)  # the state's rows, whole
-        # State walks: enough (batch·head, dv block) programs to fill the GPU, blocks >= 16 wide,
-        # and at most 8192 fp32 state numbers per program (64 registers/thread at 4 warps).
-        bv = min(_pow2(self.dv), 64, max(16, 8192 // self.BKF))
+        half = k.dtype in (torch.bfloat16, torch.float16)
+        BKF, BVF = _pow2(self.dk), _pow2(self.dv)
+
+        # State walks: one program per (batch·head, dv block), the block the widest power of two
+        # in [16, 32] (fp32: 16) that still gives one program per SM (7B: B·H = 32 -> 16-wide,
+        # 256 programs); the state itself in blocks of 64 rows.
+        bv = min(BVF, 32 if half else 16)
         while bv > 16 and self.BH * triton.cdiv(self.dv, bv) < _sm_count(device):
             bv //= 2
         self.BVS = bv
         self.NVS = triton.cdiv(self.dv, bv)
+        sk = min(BKF, 64)
+        self.blocks = dict(state_fwd=(sk, bv, 4, 2 if (bv == 16 and half) else 1),
+                           state_bwd=(sk, bv, 4, 1))
+        for name, (kb, vb, w, st) in (self.HALF_BLOCKS if half else self.FP32_BLOCKS).items():
+            self.blocks[name] = (min(kb, BKF), min(vb, BVF), w, st)
+        # dq_kernel and dkw_kernel each write one γ-gradient part per dk block: one block size.
+        assert self.blocks["dq"][0] == self.blocks["dkw"][0]
+        self.NK = triton.cdiv(self.dk, self.blocks["dq"][0])
 
-        half = k.dtype in (torch.bfloat16, torch.float16)
-        self.store_dtype = (self.HALF_STORE or k.dtype) if half else torch.float32
-        self.state_dtype = (self.HALF_STATE or k.dtype) if half else torch.float32
+        # 16-bit inputs: U, Wk, W, the chunk states and their gradients in the inputs' dtype and
+        # 16-bit dot operands (Tm is kept fp32, as the inverse is computed in place, and rounded
+        # when it enters a dot); the inverse's merges in TF32, rounded to 16 bits afterwards.
+        # fp32 inputs: fp32 everywhere, tf32x3.
+        self.store_dtype = k.dtype if half else torch.float32
         self.tm_dtype = torch.float32
-        self.tm_prec = "tf32" if half else self.FP32_PRECISION
+        self.tmd = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(k.dtype, tl.float32)
+        self.tm_prec = self.FP32_PRECISION
         self.inv_prec = "tf32" if half else self.FP32_PRECISION
-        import triton.language as tl
-        tlmap = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-        self.tmd = tlmap[k.dtype] if (half and os.environ.get("DP_TM16", "1") == "1") else tl.float32
         self.common = dict(H=self.H, DK=self.dk, DV=self.dv, C=C, PREC=self.FP32_PRECISION)
         self.state_common = dict(self.common, PREC=self.FP32_STATE_PRECISION)
-        bk, bvv = min(self.BKF, 64), min(_pow2(self.dv), 64)
-        self.kcfg = {}
-        for name, (kb, vb, w, st) in dict(
-                wy_fwd=(bk, bvv, 4, 2), state_fwd=(bk, self.BVS, 4, 2),
-                output_fwd=(bk, bvv, 4, 2), dv_local=(bk, bvv, 4, 2),
-                state_bwd=(bk, self.BVS, 4, 2), dq=(min(bk, 32), bvv, 4, 2),
-                dkw=(min(bk, 32), bvv, 4, 2),
-                wy_bwd=(min(bk, 32), min(bvv, 32), 4, 2)).items():
-            env = os.environ.get("DP_" + name.upper())
-            if env:
-                kb, vb, w, st = (int(x) for x in env.split(","))
-                kb, vb = min(kb, self.BKF), min(vb, _pow2(self.dv))
-            self.kcfg[name] = (kb, vb, w, st)
-        # dq_kernel and dkw_kernel write one γ-gradient part per dk block: one block size.
-        self.kcfg["dkw"] = (self.kcfg["dq"][0],) + self.kcfg["dkw"][1:]
-        self.NK = triton.cdiv(self.dk, self.kcfg["dq"][0])
 
     def launch(self, name):
-        kb, vb, w, st = self.kcfg[name]
+        kb, vb, w, st = self.blocks[name]
         return dict(BK=kb, BV=vb, num_warps=w, num_stages=st)
 
 
@@ -161,7 +164,7 @@ def _forward(q, k, v, beta, gamma, seg, initial_state, scale, lc):
     Wk = torch.empty(BH, Lp, lc.dk, **sd)
     wy_fwd_kernel[(NC, BH)](k, v, beta, gamma, seg, Tm, U, Wk, lc.L, Lp, TM_PREC=lc.tm_prec,
                             INV_PREC=lc.inv_prec, TMD=lc.tmd, **lc.launch("wy_fwd"), **lc.common)
-    S_start = torch.empty(BH, NC, lc.dk, lc.dv, dtype=lc.state_dtype, device=dev)
+    S_start = torch.empty(BH, NC, lc.dk, lc.dv, dtype=lc.store_dtype, device=dev)
     W = torch.empty(BH, Lp, lc.dv, **sd)
     final = torch.empty(lc.B, lc.H, lc.dk, lc.dv, dtype=torch.float32, device=dev)
     has_init = initial_state is not None
@@ -169,7 +172,7 @@ def _forward(q, k, v, beta, gamma, seg, initial_state, scale, lc):
         k, U, Wk, gamma, seg, initial_state if has_init else final, S_start, W, final,
         lc.L, Lp, NC, HAS_INIT=has_init, **lc.launch("state_fwd"), **lc.state_common)
     o = torch.empty(lc.B, lc.T, lc.H, lc.dv, dtype=q.dtype, device=dev)
-    output_fwd_kernel[(NC, BH, triton.cdiv(lc.dv, lc.kcfg["output_fwd"][1]))](
+    output_fwd_kernel[(NC, BH, triton.cdiv(lc.dv, lc.blocks["output_fwd"][1]))](
         q, k, gamma, seg, S_start, W, o, scale, lc.T, lc.L, Lp, NC, NH=lc.n_h, R=lc.R,
         **lc.launch("output_fwd"), **lc.common)
     return o, final, Tm, Wk, W, S_start
@@ -183,7 +186,7 @@ def _backward(q, k, v, beta, gamma, seg, Tm, Wk, W, S_start, do, dfinal, scale, 
     dWl = torch.empty(BH, Lp, lc.dv, **sd)
     dv_local_kernel[(NC, BH)](q, k, gamma, seg, do, dWl, scale, lc.T, lc.L, Lp, NH=lc.n_h, R=lc.R,
                               **lc.launch("dv_local"), **lc.common)
-    dS_end = torch.empty(BH, NC, lc.dk, lc.dv, dtype=lc.state_dtype, device=dev)
+    dS_end = torch.empty(BH, NC, lc.dk, lc.dv, dtype=lc.store_dtype, device=dev)
     dW = torch.empty(BH, Lp, lc.dv, **sd)
     ds0 = torch.empty(lc.B, lc.H, lc.dk, lc.dv, **f32)
     has_dfinal = dfinal is not None
@@ -207,7 +210,7 @@ def _backward(q, k, v, beta, gamma, seg, Tm, Wk, W, S_start, do, dfinal, scale, 
     dbeta = torch.empty_like(beta)
     dgamma = torch.empty(BH, Lp, **f32)
     wy_bwd_kernel[(NC, BH)](
-        k, v, beta, gamma, seg, Tm, dW, dWk, dKo, dKs, dgp, dk, dv, dbeta, dgamma, lc.L, Lp, BH * Lp, 0,
+        k, v, beta, gamma, seg, Tm, dW, dWk, dKo, dKs, dgp, dk, dv, dbeta, dgamma, lc.L, Lp, BH * Lp,
         NK=lc.NK, TM_PREC=lc.tm_prec, TMD=lc.tmd, **lc.launch("wy_bwd"), **lc.common)
     return dq, dk, dv, dbeta, dgamma, ds0
 
@@ -222,6 +225,8 @@ class DeltaProductTritonFunction(torch.autograd.Function):
         s0 = initial_state.contiguous() if initial_state is not None else None
         if q.dtype == torch.float32:
             chunk_size = min(chunk_size, _Launch.FP32_MAX_CHUNK)
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            set_interpreter_bf16_upcast()
         lc = _Launch(k, v, chunk_size, q.device)
         gamma, seg = _gate_and_segments(g, reset, lc.B, lc.T, lc.n_h, lc.H, chunk_size, k.device)
         o, final, Tm, Wk, W, S_start = _forward(q, k, v, beta, gamma, seg, s0, scale, lc)
@@ -235,6 +240,8 @@ class DeltaProductTritonFunction(torch.autograd.Function):
         q, k, v, beta, gamma, seg, Tm, Wk, W, S_start = ctx.saved_tensors
         scale, C, dtypes, has_g, g_dtype, s0_dtype = ctx.meta
         lc = _Launch(k, v, C, q.device)
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            set_interpreter_bf16_upcast()
         if do is None:
             do = torch.zeros(lc.B, lc.T, lc.H, lc.dv, dtype=q.dtype, device=q.device)
         do = do.to(q.dtype).contiguous()

@@ -232,7 +232,7 @@ def dkw_kernel(k_ptr, gamma_ptr, seg_ptr, sstart_ptr, dsend_ptr, w_ptr, dw_ptr, 
 
 @triton.jit
 def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, seg_ptr, tm_ptr, dw_ptr, dwk_ptr, dko_ptr,
-                  dks_ptr, dgp_ptr, dk_ptr, dv_ptr, dbeta_ptr, dgamma_ptr, L, Lp, BHLp, zero,
+                  dks_ptr, dgp_ptr, dk_ptr, dv_ptr, dbeta_ptr, dgamma_ptr, L, Lp, BHLp,
                   NK: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
                   TM_PREC: tl.constexpr, TMD: tl.constexpr):
@@ -254,8 +254,8 @@ def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, seg_ptr, tm_ptr, dw_ptr, dw
     p = c * C + rows
     valid = p < L
     tm_base = tm_ptr + bh * Lp * C + c * C * C
-    tm_ptrs = tm_base + rows[:, None] * C + rows[None, :]  # Tm and Tmᵀ are read where they are used
-    tmT_ptrs = tm_base + rows[None, :] * C + rows[:, None]
+    Tm = tl.load(tm_base + rows[:, None] * C + rows[None, :]).to(TMD)  # a dot operand: kept in shared memory
+    TmT = tl.trans(Tm)
     beta = tl.load(beta_ptr + b * L * H + p * H + h, mask=valid, other=0.0).to(tl.float32)
     gamma, seg = chunk_gates(gamma_ptr, seg_ptr, bh, b, c, Lp, C)
     s0d = tl.where(seg == 0, tl.exp(gamma), 0.0)
@@ -268,8 +268,8 @@ def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, seg_ptr, tm_ptr, dw_ptr, dw
         cols = vb + tl.arange(0, BV)
         V = load_rows(v_ptr, vrow0, p, H * DV, valid, cols, DV).to(tl.float32)
         dU = load_rows(dw_ptr, bh * Lp * DV, p, DV, rows < C, cols, DV)
-        X = mm(tl.load(tmT_ptrs + vb * zero).to(TMD), dU.to(TMD), TM_PREC)
-        U = mm(tl.load(tm_ptrs + vb * zero).to(TMD), (beta[:, None] * V).to(TMD), TM_PREC)
+        X = mm(TmT, dU.to(TMD), TM_PREC)
+        U = mm(Tm, (beta[:, None] * V).to(TMD), TM_PREC)
         dA = mma((-X).to(TMD), tl.trans(U.to(TMD)), dA, TM_PREC)
         store_rows(dv_ptr, vrow0, p, H * DV, valid, cols, DV, beta[:, None] * X)
         dbeta += tl.sum(X * V, 1)
@@ -278,8 +278,8 @@ def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, seg_ptr, tm_ptr, dw_ptr, dw
         cols = kb + tl.arange(0, BK)
         K = load_rows(k_ptr, krow0, p, H * DK, valid, cols, DK).to(tl.float32)
         dWk = load_rows(dwk_ptr, bh * Lp * DK, p, DK, rows < C, cols, DK)
-        Y = mm(tl.load(tmT_ptrs + kb * zero).to(TMD), dWk.to(TMD), TM_PREC)
-        Wk = mm(tl.load(tm_ptrs + kb * zero).to(TMD), ((beta * s0d)[:, None] * K).to(TMD), TM_PREC)
+        Y = mm(TmT, dWk.to(TMD), TM_PREC)
+        Wk = mm(Tm, ((beta * s0d)[:, None] * K).to(TMD), TM_PREC)
         dA = mma((-Y).to(TMD), tl.trans(Wk.to(TMD)), dA, TM_PREC)
         z = tl.sum(Y * K, 1)
         dbeta += s0d * z
@@ -306,7 +306,7 @@ def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, seg_ptr, tm_ptr, dw_ptr, dw
         Kf = K.to(tl.float32)
         ekk += tl.sum(Kf * GDK, 1)
         ect += tl.sum(Kf * GTK, 1)
-        Y = mm(tl.load(tmT_ptrs + kb * zero).to(TMD), dWk.to(TMD), TM_PREC)
+        Y = mm(TmT, dWk.to(TMD), TM_PREC)
         dK = dKp + (beta * s0d)[:, None] * Y + beta[:, None] * GDK + GTK
         store_rows(dk_ptr, krow0, p, H * DK, valid, cols, DK, dK)
     dbeta += ekk

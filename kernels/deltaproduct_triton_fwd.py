@@ -25,15 +25,28 @@ fp32 operands with input_precision PREC, chosen by the host (kernels/deltaproduc
 which and why). The blocked inverse's 16×16 merges are always IEEE fp32.
 """
 
-import os
-
 import triton
 import triton.language as tl
 
-# Triton 3.9's interpreter multiplies bf16 tensors' raw bit patterns (it stores them as uint16),
-# so under TRITON_INTERPRET=1 bf16 dots go through fp32: bf16 x bf16 products are exact in fp32,
-# which is what the tensor cores compute too.
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# Triton 3.9's interpreter stores bf16 as raw uint16 and its tl.dot multiplies those bit patterns
+# (kernels.triton_interpreter.emulate_dot_precision decodes them). Under TRITON_INTERPRET=1 the
+# host sets this before each call (set_interpreter_bf16_upcast) when the dot in use would get
+# bf16 wrong; mm and mma then hand bf16 operands over as fp32, which gives the same products
+# (bf16 x bf16 is exact in fp32). Compiled kernels never see it set.
+_UPCAST_BF16_DOTS = tl.constexpr(False)
+
+
+def set_interpreter_bf16_upcast() -> None:
+    """Probe the interpreter's tl.dot with bf16 ones; upcast bf16 dot operands if it is wrong."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    one = interpreter.TensorHandle(np.full((16, 16), 0x3F80, dtype=np.uint16), tl.bfloat16)
+    acc = interpreter.TensorHandle(np.zeros((16, 16), dtype=np.float32), tl.float32)
+    out = interpreter.InterpreterBuilder.create_dot(None, one, one, acc,
+                                                    interpreter._ir.INPUT_PRECISION.IEEE, 0)
+    global _UPCAST_BF16_DOTS
+    _UPCAST_BF16_DOTS = tl.constexpr(float(np.asarray(out.data)[0, 0]) != 16.0)
 
 
 @triton.jit
@@ -42,7 +55,7 @@ def mm(a, b, PREC: tl.constexpr):
     either is fp32, both go in as fp32 with input_precision PREC."""
     if a.dtype == tl.float32 or b.dtype == tl.float32:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
-    elif _INTERPRETED and a.dtype == tl.bfloat16:
+    elif _UPCAST_BF16_DOTS and a.dtype == tl.bfloat16:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         out = tl.dot(a, b)
@@ -54,7 +67,7 @@ def mma(a, b, acc, PREC: tl.constexpr):
     """acc + a @ b, accumulating in place (as mm)."""
     if a.dtype == tl.float32 or b.dtype == tl.float32:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PREC)
-    elif _INTERPRETED and a.dtype == tl.bfloat16:
+    elif _UPCAST_BF16_DOTS and a.dtype == tl.bfloat16:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         out = tl.dot(a, b, acc)

@@ -162,7 +162,16 @@ def test_triton_matches_naive_beta_at_the_ends_of_its_range():
     assert_triton_matches_naive(x)
 
 
-def test_triton_matches_naive_default_chunk():
+@pytest.fixture
+def fp32_chunk_64(monkeypatch):
+    """fp32 inputs run 32-sub-step chunks on a GPU (_Launch.FP32_MAX_CHUNK); the interpreter has
+    no register file, so the tests can check the 64-sub-step kernels exactly too."""
+    monkeypatch.setattr(dpt._Launch, "FP32_MAX_CHUNK", 64)
+
+
+@pytest.mark.parametrize("max_chunk", [32, 64])
+def test_triton_matches_naive_default_chunk(monkeypatch, max_chunk):
+    monkeypatch.setattr(dpt._Launch, "FP32_MAX_CHUNK", max_chunk)
     # The production chunk of 64 sub-steps: T·n_h = 70 = one full chunk and a ragged tail.
     assert_triton_matches_naive(make_inputs(T=35, n_h=2, init=True, reset_tokens=[[32], []]),
                                 chunk_size=64)
@@ -181,7 +190,7 @@ def test_triton_strong_decay_is_finite_and_matches():
 
 
 @pytest.mark.parametrize("dk, dv, n_h", [(48, 48, 2), (64, 64, 3), (48, 64, 2)])
-def test_triton_matches_naive_at_config_head_dims(dk, dv, n_h):
+def test_triton_matches_naive_at_config_head_dims(dk, dv, n_h, fp32_chunk_64):
     # 48 = the smoke config (padded to 64, masked); n_h = 3 leaves 21 or 22 queries per chunk of
     # 64; dk != dv. T·n_h > 64: two chunks and a ragged tail; resets mid-chunk and at a chunk start.
     T = 40 if n_h == 2 else 27
@@ -191,7 +200,7 @@ def test_triton_matches_naive_at_config_head_dims(dk, dv, n_h):
     assert_triton_matches_naive(x, chunk_size=64)
 
 
-def test_triton_matches_naive_head_dim_256():
+def test_triton_matches_naive_head_dim_256(fp32_chunk_64):
     # dk = 256: the state walks carry four 64-row blocks; without an initial state or a gate.
     x = make_inputs(T=36, n_h=2, init=False, gate=False, batch=1, heads=1, dk=256, dv=64)
     assert_triton_matches_naive(x, chunk_size=64)
@@ -203,12 +212,13 @@ def test_triton_matches_naive_head_dim_256():
 
 def _head_dim_128_inputs(n_h=2, T=128):
     # 1 x T tokens x 1 head, n_h = 2: T·n_h = 256 sub-steps = 4 chunks of 64; a reset mid-chunk.
-    return make_inputs(T=T, n_h=n_h, init=True, reset_tokens=[[T * 70 // 128]], batch=1, heads=1, dk=128,
-                       dv=128, seed=3)
+    return make_inputs(T=T, n_h=n_h, init=True, reset_tokens=[[T * 70 // 128]], batch=1, heads=1,
+                       dk=128, dv=128, seed=3)
 
 
 def test_gpu_numerics_fp32_inputs_head_dim_128():
-    """fp32 inputs: every dot is "tf32x3" (and the inverse's merges too): fp32-grade results."""
+    """fp32 inputs: every dot is "tf32x3" (and the inverse's merges too): fp32-grade results.
+    (Run as on a GPU: chunks of 32 sub-steps, so 8 chunks here.)"""
     x = _head_dim_128_inputs()
     with emulate_dot_precision("gpu"):
         o, S, grads = outputs_and_grads(deltaproduct, x, chunk_size=64, backend="triton")
