@@ -240,8 +240,8 @@ def deltaproduct(q, k, v, beta, g=None, scale=None, initial_state=None, reset=No
     """Gated DeltaProduct, backend chosen per call.
 
     backend="auto": the Triton kernels (kernels/deltaproduct_triton.py) when q is a CUDA tensor
-    of dtype fp32/bf16/fp16, triton imports, the shapes suit the kernels (chunk_size a power
-    of two >= 16, dk and dv >= 16) and the kernels passed their startup self-check for this shape
+    of dtype fp32/bf16/fp16, triton imports, the shapes suit the kernels (chunk_size 16, 32 or
+    64, dk and dv >= 16) and the kernels passed their startup self-check for this shape
     class (kernels/selfcheck.py: the first call compares them with this module's chunkwise form on
     a small slice, and a failure falls back to the torch form for the run); otherwise the torch
     chunkwise form (deltaproduct_chunkwise, autograd gradients), which also serves fp64.
@@ -254,9 +254,8 @@ def deltaproduct(q, k, v, beta, g=None, scale=None, initial_state=None, reset=No
     _check_chunk_size(chunk_size)
     on_gpu = q.is_cuda or selfcheck.forced_on_cpu()
     if backend == "auto":
-        use_triton = (on_gpu and q.dtype != torch.float64 and chunk_size >= 16
-                      and chunk_size & (chunk_size - 1) == 0 and min(k.shape[-1], v.shape[-1]) >= 16
-                      and _triton_available())
+        use_triton = (on_gpu and q.dtype != torch.float64 and chunk_size in (16, 32, 64)
+                      and min(k.shape[-1], v.shape[-1]) >= 16 and _triton_available())
     else:
         use_triton = backend == "triton"
     if use_triton:
