@@ -10,40 +10,43 @@ equations) follow flash-linear-attention's chunk_gated_delta_rule / chunk_gated_
             walk: each chunk's start state S_c and W = U - Wk S_c)  ->  output_fwd (O at the
             query rows only: ⌈C/n_h⌉ rows per chunk, not C)
   backward  dv_local -> state_bwd (the reverse walk: dS per chunk, dW, d initial state)
-            -> dqk (dq, dk's output/state part, dWk, dγ) -> wy_bwd (through the saved Tm:
-            dk, dv, dβ, dγ)
+            -> dq (dq; dk's output and state parts, dWk, dγ parts; fp32 inputs: the state parts
+            in dkw) -> wy_bwd (through the saved Tm: dk, dv, dβ, dγ)
 
 The forward saves Tm, Wk, W and the chunk start states for the backward, which recomputes
-nothing: per sub-step and head that is C + dk + dv (+ dk·dv/C for the states) numbers in the
-storage dtype, on top of the inputs.
+nothing: per sub-step and head C + dk + dv numbers, and dk·dv per chunk, in the storage dtype, on
+top of the inputs (bf16 at dk = dv = 128, C = 64: 1.1 KB per sub-step and head).
 
 Storage and dot precision (the GPU's numerics are tested under an emulation of tensor-core
 operand rounding, tests/test_deltaproduct_triton.py):
-  - 16-bit inputs: U, Wk, W, the chunk states, dW, dWk, dS per chunk and Tm are stored in the
-    inputs' dtype; the state walks carry S and dS in fp32 and round them to 16 bits only as a dot
-    operand, as flash-linear-attention does. Every dot has 16-bit operands: exact products, fp32
-    accumulation. Partial gradients (dk's first part, dγ) stay fp32.
-  - fp32 inputs: everything is stored in fp32 and every dot runs with input_precision "tf32x3"
-    (three TF32 tensor-core passes, about fp32's accuracy): plain TF32 keeps 10 mantissa bits,
-    and through the recurrent state update that costs ~1e-3 relative error on the outputs and
-    ~1e-2 on dk at head_dim 128 (measured under the emulation), too much for fp32 inputs.
-  - The inverse's 16×16 merges are IEEE fp32 in both cases.
+  - 16-bit inputs: Tm, U, Wk, W, the chunk states, dW, dWk, dS per chunk in the inputs' dtype;
+    the state walks carry S and dS in fp32 and round them to 16 bits only as a dot operand, as
+    flash-linear-attention does. Every dot has 16-bit operands (exact products, fp32
+    accumulation), but the inverse's merges (fp32 in TF32; Tm is rounded to 16 bits after).
+    Partial gradients (dk's parts, dγ) stay fp32. Normwise error at head_dim 128: 3-7e-3, about
+    what the inputs' own bf16 rounding does (~3e-3).
+  - fp32 inputs: fp32 storage and every dot with input_precision "tf32x3" (three TF32
+    tensor-core passes: ~2e-7 normwise at head_dim 128). Plain TF32 (10 mantissa bits) costs
+    1-2e-3 on o and every gradient, wherever it is used (the recurrent state walk alone or the
+    chunk-local dots alone), too much for fp32 inputs. tf32x3 triples the operand registers, so
+    fp32 inputs run chunks of at most 32 sub-steps (FP32_MAX_CHUNK): same result up to rounding.
 
 Launch rules (no autotuning that runs kernels): chunk-parallel kernels run one program per
-(chunk, batch·head) with 64-wide dk/dv blocks; the two state walks run one program per (batch·head,
-dv block), with the dv block the widest power of two in [16, 64] that still gives at least one
-program per SM (132 on H100/H200, the device's count on CUDA), so that 7B (B=1, H=32) launches
-256 programs. num_warps and num_stages follow the tile sizes (_Launch).
+(chunk, batch·head) (dq: per dk block too) with the dk/dv blocks of _Launch.HALF_BLOCKS /
+FP32_BLOCKS, 4 warps; the two state walks run one program per (batch·head, dv block), the dv
+block the widest of 32 (fp32: 16) and 16 that still gives one program per SM (132 on H100/H200,
+the device's count on CUDA): 7B (B=1, H=32) launches 256 programs, 1B (B=4, H=16) 256. Every
+kernel compiles for sm_80 and sm_90 without register spills at head_dim 48..256 (checked with
+kernels.offline_compile; bench/gpu_compile.py at the shipped configs).
 """
 
 import os
 
 import torch
 import triton
-import triton.language as tl
 
-from kernels.deltaproduct_triton_bwd import (dkw_kernel, dq_kernel, dv_local_kernel, state_bwd_kernel,
-                                             wy_bwd_kernel)
+from kernels.deltaproduct_triton_bwd import (dkw_kernel, dq_kernel, dv_local_kernel,
+                                             state_bwd_kernel, wy_bwd_kernel)
 from kernels.deltaproduct_triton_fwd import (output_fwd_kernel, set_interpreter_bf16_upcast,
                                              state_fwd_kernel, wy_fwd_kernel)
 
@@ -80,8 +83,8 @@ class _Launch:
     # kernels.offline_compile so that every kernel compiles for sm_80 and sm_90 at head_dim
     # 48..256 with no register spill. 4 warps throughout: tiles are 64 rows (the chunk) and
     # Triton puts every warp of a dot chain on the rows, so 8 warps would only replicate them.
-    HALF_BLOCKS = dict(wy_fwd=(64, 64, 4, 2), output_fwd=(64, 64, 4, 2), dv_local=(64, 64, 4, 2),
-                       dq=(64, 64, 4, 2), dkw=(64, 32, 4, 2), wy_bwd=(16, 32, 4, 2))
+    HALF_BLOCKS = dict(wy_fwd=(64, 64, 4, 2), output_fwd=(64, 128, 4, 2), dv_local=(64, 64, 4, 2),
+                       dq=(32, 32, 4, 2), dkw=(32, 32, 4, 2), wy_bwd=(16, 32, 4, 2))
     FP32_BLOCKS = dict(wy_fwd=(32, 32, 4, 2), output_fwd=(32, 32, 4, 2), dv_local=(64, 64, 4, 2),
                        dq=(16, 32, 4, 2), dkw=(16, 32, 4, 2), wy_bwd=(16, 16, 4, 2))
 
@@ -95,7 +98,7 @@ class _Launch:
         self.BH = self.B * self.H
         # Query rows per chunk: the tokens whose last sub-step falls in it, at most ⌈C / n_h⌉.
         self.R = _pow2(-(-C // self.n_h))
-        half = k.dtype in (torch.bfloat16, torch.float16)
+        self.half = half = k.dtype in (torch.bfloat16, torch.float16)
         BKF, BVF = _pow2(self.dk), _pow2(self.dv)
 
         # State walks: one program per (batch·head, dv block), the block the widest power of two
@@ -115,14 +118,10 @@ class _Launch:
         assert self.blocks["dq"][0] == self.blocks["dkw"][0]
         self.NK = triton.cdiv(self.dk, self.blocks["dq"][0])
 
-        # 16-bit inputs: U, Wk, W, the chunk states and their gradients in the inputs' dtype and
-        # 16-bit dot operands (Tm is kept fp32, as the inverse is computed in place, and rounded
-        # when it enters a dot); the inverse's merges in TF32, rounded to 16 bits afterwards.
+        # 16-bit inputs: Tm, U, Wk, W, the chunk states and their gradients in the inputs' dtype,
+        # 16-bit dot operands; the inverse's merges in TF32, rounded to 16 bits afterwards.
         # fp32 inputs: fp32 everywhere, tf32x3.
         self.store_dtype = k.dtype if half else torch.float32
-        self.tm_dtype = torch.float32
-        self.tmd = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(k.dtype, tl.float32)
-        self.tm_prec = self.FP32_PRECISION
         self.inv_prec = "tf32" if half else self.FP32_PRECISION
         self.common = dict(H=self.H, DK=self.dk, DV=self.dv, C=C, PREC=self.FP32_PRECISION)
         self.state_common = dict(self.common, PREC=self.FP32_STATE_PRECISION)
@@ -159,11 +158,14 @@ def _forward(q, k, v, beta, gamma, seg, initial_state, scale, lc):
     dev = k.device
     BH, Lp, NC, C = lc.BH, lc.Lp, lc.NC, lc.C
     sd = dict(dtype=lc.store_dtype, device=dev)
-    Tm = torch.empty(BH, Lp, C, dtype=lc.tm_dtype, device=dev)
+    Tm = torch.empty(BH, Lp, C, **sd)
+    # the inverse's diagonal 16×16 blocks pass through this
+    scratch = torch.empty(BH, Lp, 16, dtype=torch.float32, device=dev)
     U = torch.empty(BH, Lp, lc.dv, **sd)
     Wk = torch.empty(BH, Lp, lc.dk, **sd)
-    wy_fwd_kernel[(NC, BH)](k, v, beta, gamma, seg, Tm, U, Wk, lc.L, Lp, TM_PREC=lc.tm_prec,
-                            INV_PREC=lc.inv_prec, TMD=lc.tmd, **lc.launch("wy_fwd"), **lc.common)
+    wy_fwd_kernel[(NC, BH)](k, v, beta, gamma, seg, scratch, Tm, U, Wk, lc.L, Lp,
+                            TM_PREC=lc.FP32_PRECISION, INV_PREC=lc.inv_prec,
+                            **lc.launch("wy_fwd"), **lc.common)
     S_start = torch.empty(BH, NC, lc.dk, lc.dv, dtype=lc.store_dtype, device=dev)
     W = torch.empty(BH, Lp, lc.dv, **sd)
     final = torch.empty(lc.B, lc.H, lc.dk, lc.dv, dtype=torch.float32, device=dev)
@@ -196,22 +198,25 @@ def _backward(q, k, v, beta, gamma, seg, Tm, Wk, W, S_start, do, dfinal, scale, 
         **lc.state_common)
     dq = torch.empty(lc.B, lc.T, lc.H, lc.dk, dtype=q.dtype, device=dev)  # every row is a query
     dKo = torch.empty(BH, Lp, lc.dk, **f32)
-    dKs = torch.empty(BH, Lp, lc.dk, **f32)
     dWk = torch.empty(BH, Lp, lc.dk, **sd)
-    dgp = torch.empty(2, lc.NK, BH, Lp, **f32)
+    split = not lc.half  # fp32: the state part in its own kernel (registers)
+    dgp = torch.empty(2 if split else 1, lc.NK, BH, Lp, **f32)
     dq_kernel[(lc.NK, NC, BH)](
-        q, k, gamma, seg, do, S_start, W, dq, dKo, dgp[0], scale, lc.T, lc.L, Lp, NC, BH * Lp,
-        NH=lc.n_h, R=lc.R, **lc.launch("dq"), **lc.common)
-    dkw_kernel[(lc.NK, NC, BH)](
-        k, gamma, seg, S_start, dS_end, W, dW, dKs, dWk, dgp[1], lc.L, Lp, NC, BH * Lp,
-        **lc.launch("dkw"), **lc.common)
+        q, k, gamma, seg, do, S_start, W, dS_end, dW, dq, dKo, dWk, dgp[0], scale, lc.T, lc.L, Lp,
+        NC, BH * Lp, NH=lc.n_h, R=lc.R, STATE=not split, **lc.launch("dq"), **lc.common)
+    dKs = torch.empty(BH, Lp, lc.dk, **f32) if split else dKo
+    if split:
+        dkw_kernel[(lc.NK, NC, BH)](
+            k, gamma, seg, S_start, dS_end, W, dW, dKs, dWk, dgp[1], lc.L, Lp, NC, BH * Lp,
+            **lc.launch("dkw"), **lc.common)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     dgamma = torch.empty(BH, Lp, **f32)
     wy_bwd_kernel[(NC, BH)](
         k, v, beta, gamma, seg, Tm, dW, dWk, dKo, dKs, dgp, dk, dv, dbeta, dgamma, lc.L, Lp, BH * Lp,
-        NK=lc.NK, TM_PREC=lc.tm_prec, TMD=lc.tmd, **lc.launch("wy_bwd"), **lc.common)
+        NGP=dgp.shape[0] * lc.NK, SPLIT=split, TM_PREC=lc.FP32_PRECISION, **lc.launch("wy_bwd"),
+        **lc.common)
     return dq, dk, dv, dbeta, dgamma, ds0
 
 

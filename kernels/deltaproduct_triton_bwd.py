@@ -12,8 +12,9 @@ of chunk c from everything after it):
   dq_kernel         per (dk block, chunk, batch·head), looping over dv blocks:     (parallel)
                         dQ  = scale (diag(s0d_q) dO S_cᵀ + (dO Wᵀ ⊙ D_q) K)
                         dK ∋ scale (dO Wᵀ ⊙ D_q)ᵀ Q,  and γ's gradient through D_q, s0d_q
-  dkw_kernel        likewise: dK ∋ diag(dlast) W g_cᵀ,  dWk = -dW_c S_cᵀ,
-                    and γ's gradient through dlast and a
+                    and (16-bit inputs, STATE) in the same pass over the dv blocks:
+                        dK ∋ diag(dlast) W g_cᵀ,  dWk = -dW_c S_cᵀ,  γ through dlast and a
+  dkw_kernel        that state part in a kernel of its own, for fp32 inputs (registers)
   wy_bwd_kernel     per (chunk, batch·head): through U = Tm diag(β) V, Wk = Tm diag(β s0d) K and
                     Tm = (I + A)^{-1} (the inverse saved by the forward):
                         dA = -Tmᵀ dTm Tmᵀ = -(Tmᵀ dU Uᵀ + Tmᵀ dWk Wkᵀ)   (strictly lower)
@@ -76,7 +77,9 @@ def state_bwd_kernel(q_ptr, k_ptr, wk_ptr, gamma_ptr, seg_ptr, do_ptr, dwl_ptr, 
     NS: tl.constexpr = triton.cdiv(DK, BK)
     SD: tl.constexpr = dw_ptr.dtype.element_ty
     XD: tl.constexpr = dsend_ptr.dtype.element_ty
-    kc = tl.arange(0, BK)
+    kc = tl.arange(0, BK)  # the columns of row block j of dS are j·kc1
+    kc1, kc2, kc3 = BK + kc, 2 * BK + kc, 3 * BK + kc
+    wkb = bh * Lp * DK
     vcols = pid_v * BV + tl.arange(0, BV)
     rows = tl.arange(0, C)
     s0b = bh * DK * DV
@@ -106,12 +109,12 @@ def state_bwd_kernel(q_ptr, k_ptr, wk_ptr, gamma_ptr, seg_ptr, do_ptr, dwl_ptr, 
         KG = mm(load_rows(k_ptr, krow0, p, H * DK, kvalid, kc, DK), G0.to(XD), PREC)
         if NS >= 2:
             state_block_store(dsend_ptr, sb, 1, vcols, G1, DK, DV, BK)
-            KG = mma(load_rows(k_ptr, krow0, p, H * DK, kvalid, BK + kc, DK), G1.to(XD), KG, PREC)
+            KG = mma(load_rows(k_ptr, krow0, p, H * DK, kvalid, kc1, DK), G1.to(XD), KG, PREC)
         if NS >= 4:
             state_block_store(dsend_ptr, sb, 2, vcols, G2, DK, DV, BK)
             state_block_store(dsend_ptr, sb, 3, vcols, G3, DK, DV, BK)
-            KG = mma(load_rows(k_ptr, krow0, p, H * DK, kvalid, 2 * BK + kc, DK), G2.to(XD), KG, PREC)
-            KG = mma(load_rows(k_ptr, krow0, p, H * DK, kvalid, 3 * BK + kc, DK), G3.to(XD), KG, PREC)
+            KG = mma(load_rows(k_ptr, krow0, p, H * DK, kvalid, kc2, DK), G2.to(XD), KG, PREC)
+            KG = mma(load_rows(k_ptr, krow0, p, H * DK, kvalid, kc3, DK), G3.to(XD), KG, PREC)
         gamma, seg = chunk_gates(gamma_ptr, seg_ptr, bh, b, c, Lp, C)
         dlast, a = last_row_decay(gamma_ptr, seg_ptr, gamma, seg, bh, b, c, Lp, C)
         dWl = load_rows(dwl_ptr, bh * Lp * DV, p, DV, rows < C, vcols, DV)
@@ -124,17 +127,17 @@ def state_bwd_kernel(q_ptr, k_ptr, wk_ptr, gamma_ptr, seg_ptr, do_ptr, dwl_ptr, 
         s0q = tl.where(qvalid & (sq == 0), tl.exp(gq), 0.0)
         dOs = (scale * s0q[:, None] * load_rows(do_ptr, b * T * H * DV + h * DV, t, H * DV, qvalid,
                                                 vcols, DV).to(tl.float32)).to(XD)
-        mW = (-dWf).to(SD)  # -dW as stored (negated in fp32: the interpreter keeps bf16 as integers)
+        mW = (-dWf).to(SD)  # -dW as stored (negated in fp32: the interpreter's bf16 is raw bits)
         G0 = mma(tl.trans(load_rows(q_ptr, qrow0, t, H * DK, qvalid, kc, DK)), dOs, a * G0, PREC)
-        G0 = mma(tl.trans(load_rows(wk_ptr, bh * Lp * DK, p, DK, rows < C, kc, DK)), mW, G0, PREC)
+        G0 = mma(tl.trans(load_rows(wk_ptr, wkb, p, DK, rows < C, kc, DK)), mW, G0, PREC)
         if NS >= 2:
-            G1 = mma(tl.trans(load_rows(q_ptr, qrow0, t, H * DK, qvalid, BK + kc, DK)), dOs, a * G1, PREC)
-            G1 = mma(tl.trans(load_rows(wk_ptr, bh * Lp * DK, p, DK, rows < C, BK + kc, DK)), mW, G1, PREC)
+            G1 = mma(tl.trans(load_rows(q_ptr, qrow0, t, H * DK, qvalid, kc1, DK)), dOs, a * G1, PREC)
+            G1 = mma(tl.trans(load_rows(wk_ptr, wkb, p, DK, rows < C, kc1, DK)), mW, G1, PREC)
         if NS >= 4:
-            G2 = mma(tl.trans(load_rows(q_ptr, qrow0, t, H * DK, qvalid, 2 * BK + kc, DK)), dOs, a * G2, PREC)
-            G2 = mma(tl.trans(load_rows(wk_ptr, bh * Lp * DK, p, DK, rows < C, 2 * BK + kc, DK)), mW, G2, PREC)
-            G3 = mma(tl.trans(load_rows(q_ptr, qrow0, t, H * DK, qvalid, 3 * BK + kc, DK)), dOs, a * G3, PREC)
-            G3 = mma(tl.trans(load_rows(wk_ptr, bh * Lp * DK, p, DK, rows < C, 3 * BK + kc, DK)), mW, G3, PREC)
+            G2 = mma(tl.trans(load_rows(q_ptr, qrow0, t, H * DK, qvalid, kc2, DK)), dOs, a * G2, PREC)
+            G2 = mma(tl.trans(load_rows(wk_ptr, wkb, p, DK, rows < C, kc2, DK)), mW, G2, PREC)
+            G3 = mma(tl.trans(load_rows(q_ptr, qrow0, t, H * DK, qvalid, kc3, DK)), dOs, a * G3, PREC)
+            G3 = mma(tl.trans(load_rows(wk_ptr, wkb, p, DK, rows < C, kc3, DK)), mW, G3, PREC)
     state_block_store(ds0_ptr, s0b, 0, vcols, G0, DK, DV, BK)
     if NS >= 2:
         state_block_store(ds0_ptr, s0b, 1, vcols, G1, DK, DV, BK)
@@ -144,16 +147,18 @@ def state_bwd_kernel(q_ptr, k_ptr, wk_ptr, gamma_ptr, seg_ptr, do_ptr, dwl_ptr, 
 
 
 @triton.jit
-def dq_kernel(q_ptr, k_ptr, gamma_ptr, seg_ptr, do_ptr, sstart_ptr, w_ptr, dq_ptr, dko_ptr,
-              dgp_ptr, scale, T, L, Lp, NC, BHLp,
+def dq_kernel(q_ptr, k_ptr, gamma_ptr, seg_ptr, do_ptr, sstart_ptr, w_ptr, dsend_ptr, dw_ptr,
+              dq_ptr, dko_ptr, dwk_ptr, dgp_ptr, scale, T, L, Lp, NC, BHLp,
               NH: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               C: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-              PREC: tl.constexpr):
+              STATE: tl.constexpr, PREC: tl.constexpr):
     """Through the outputs, for one dk block of a chunk: O = scale (diag(s0d_q) Q S + P W) with
     P = Q Kᵀ ⊙ D_q, so with dP = scale dO Wᵀ:
         dQ = scale diag(s0d_q) dO Sᵀ + (dP ⊙ D_q) K   (final),   dK ∋ (dP ⊙ D_q)ᵀ Q,
-    and γ's gradient through D_q and s0d_q. Contractions over dk split exactly over dk blocks,
-    so each block writes its own part of γ's gradient (summed in wy_bwd_kernel)."""
+    and γ's gradient through D_q and s0d_q. With STATE (16-bit inputs) also dkw_kernel's part in
+    the same pass over the dv blocks: dK ∋ diag(dlast) W g_cᵀ, dWk = -dW Sᵀ, γ through dlast and
+    a. Contractions over dk split exactly over dk blocks, so each block writes its own part of
+    γ's gradient (summed in wy_bwd_kernel)."""
     kb, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = bh % H
@@ -165,6 +170,10 @@ def dq_kernel(q_ptr, k_ptr, gamma_ptr, seg_ptr, do_ptr, sstart_ptr, w_ptr, dq_pt
     t, iq, qvalid = query_rows(c, T, C, NH, R)
     dP = tl.zeros([R, C], dtype=tl.float32)
     dQS = tl.zeros([R, BK], dtype=tl.float32)
+    if STATE:
+        dKd = tl.zeros([C, BK], dtype=tl.float32)
+        mdWk = tl.zeros([C, BK], dtype=tl.float32)
+        da = tl.zeros([BK], dtype=tl.float32)
     s_base = (bh * NC + c) * DK * DV
     for vb in range(0, DV, BV):
         vcols = vb + tl.arange(0, BV)
@@ -173,6 +182,12 @@ def dq_kernel(q_ptr, k_ptr, gamma_ptr, seg_ptr, do_ptr, sstart_ptr, w_ptr, dq_pt
         S = load_rows(sstart_ptr, s_base, kcols, DV, kcols < DK, vcols, DV)
         dP = mma(dO, tl.trans(W), dP, PREC)
         dQS = mma(dO, tl.trans(S), dQS, PREC)
+        if STATE:
+            dW = load_rows(dw_ptr, bh * Lp * DV, p, DV, rows < C, vcols, DV)
+            dSe = load_rows(dsend_ptr, s_base, kcols, DV, kcols < DK, vcols, DV)
+            dKd = mma(W, tl.trans(dSe), dKd, PREC)
+            mdWk = mma(dW, tl.trans(S), mdWk, PREC)
+            da += tl.sum(S.to(tl.float32) * dSe.to(tl.float32), 1)
     Q = load_rows(q_ptr, b * T * H * DK + h * DK, t, H * DK, qvalid, kcols, DK)
     K = load_rows(k_ptr, b * L * H * DK + h * DK, p, H * DK, p < L, kcols, DK)
     gamma, seg = chunk_gates(gamma_ptr, seg_ptr, bh, b, c, Lp, C)
@@ -181,13 +196,22 @@ def dq_kernel(q_ptr, k_ptr, gamma_ptr, seg_ptr, do_ptr, sstart_ptr, w_ptr, dq_pt
     dQ = mma(dPD.to(CD), K, scale * s0q[:, None] * dQS, PREC)
     store_rows(dq_ptr, b * T * H * DK + h * DK, t, H * DK, qvalid, kcols, DK, dQ)
     dK = mm(tl.trans(dPD).to(CD), Q, PREC)
+    if STATE:
+        dlast, a = last_row_decay(gamma_ptr, seg_ptr, gamma, seg, bh, b, c, Lp, C)
+        ed = dlast * tl.sum(K.to(tl.float32) * dKd, 1)  # ∂L/∂dlast · dlast
+        last = tl.sum(ed, 0) + a * tl.sum(da, 0)
+        dK += dlast[:, None] * dKd
+        store_rows(dwk_ptr, bh * Lp * DK, p, DK, rows < C, kcols, DK, -mdWk)
     store_rows(dko_ptr, bh * Lp * DK, p, DK, rows < C, kcols, DK, dK)
     # γ enters as e^{γ_iq-γ_s} (D_q) and e^{γ_iq} (s0d_q). With E = dPD ⊙ Q Kᵀ = ∂L/∂(γ_iq - γ_s),
     # Σ_s E_rs + scale s0d_q (Q ⊙ dO Sᵀ)_r· = (Q ⊙ dQ)_r·  and  Σ_r E_rs = (K ⊙ dK)_s·, so no
-    # Q Kᵀ is formed (this dk block's part of each sum).
+    # Q Kᵀ is formed (this dk block's part of each sum). With STATE, (K ⊙ dK)_s· also holds
+    # dlast_s ∂L/∂dlast_s, which enters γ_s with the same sign.
     eq = tl.sum(Q.to(tl.float32) * dQ, 1)
     at_q = (rows[None, :] == iq[:, None]) & qvalid[:, None]
     dgam = tl.sum(tl.where(at_q, eq[:, None], 0.0), 0) - tl.sum(K.to(tl.float32) * dK, 1)
+    if STATE:
+        dgam += tl.where(rows == C - 1, last, 0.0)
     tl.store(dgp_ptr + kb * BHLp + bh * Lp + p, dgam)
 
 
@@ -196,7 +220,8 @@ def dkw_kernel(k_ptr, gamma_ptr, seg_ptr, sstart_ptr, dsend_ptr, w_ptr, dw_ptr, 
                dgp_ptr, L, Lp, NC, BHLp,
                H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Through the state walk, for one dk block of a chunk, with g_c = ∂L/∂S_{c+1}:
+    """Through the state walk, for one dk block of a chunk (fp32 inputs; 16-bit inputs do this
+    inside dq_kernel), with g_c = ∂L/∂S_{c+1}:
         S_{c+1} = a S_c + Kdᵀ W  ->  dK ∋ diag(dlast) W g_cᵀ,  da = <S_c, g_c>
         W = U - Wk S_c           ->  dWk = -dW S_cᵀ
     and γ's gradient through dlast = e^{γ_{C-1}-γ_s} and a = e^{γ_{C-1}} (per dk block)."""
@@ -233,9 +258,10 @@ def dkw_kernel(k_ptr, gamma_ptr, seg_ptr, sstart_ptr, dsend_ptr, w_ptr, dw_ptr, 
 @triton.jit
 def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, seg_ptr, tm_ptr, dw_ptr, dwk_ptr, dko_ptr,
                   dks_ptr, dgp_ptr, dk_ptr, dv_ptr, dbeta_ptr, dgamma_ptr, L, Lp, BHLp,
-                  NK: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                  NGP: tl.constexpr, SPLIT: tl.constexpr,
+                  H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-                  TM_PREC: tl.constexpr, TMD: tl.constexpr):
+                  TM_PREC: tl.constexpr):
     """Through U = Tm diag(β) V, Wk = Tm diag(β s0d) K, Tm = (I + A)^{-1}, A = strict(β KKᵀ ⊙ D).
 
     dU = dW (the state walk's), dWk from dkw_kernel. With X = Tmᵀ dU and Y = Tmᵀ dWk:
@@ -254,7 +280,8 @@ def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, seg_ptr, tm_ptr, dw_ptr, dw
     p = c * C + rows
     valid = p < L
     tm_base = tm_ptr + bh * Lp * C + c * C * C
-    Tm = tl.load(tm_base + rows[:, None] * C + rows[None, :]).to(TMD)  # a dot operand: kept in shared memory
+    Tm = tl.load(tm_base + rows[:, None] * C + rows[None, :])  # a dot operand: in shared memory
+    TMD: tl.constexpr = tm_ptr.dtype.element_ty
     TmT = tl.trans(Tm)
     beta = tl.load(beta_ptr + b * L * H + p * H + h, mask=valid, other=0.0).to(tl.float32)
     gamma, seg = chunk_gates(gamma_ptr, seg_ptr, bh, b, c, Lp, C)
@@ -299,8 +326,9 @@ def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, seg_ptr, tm_ptr, dw_ptr, dw
         cols = kb + tl.arange(0, BK)
         K = load_rows(k_ptr, krow0, p, H * DK, valid, cols, DK)
         dWk = load_rows(dwk_ptr, bh * Lp * DK, p, DK, rows < C, cols, DK)
-        dKp = load_rows(dko_ptr, bh * Lp * DK, p, DK, rows < C, cols, DK) \
-            + load_rows(dks_ptr, bh * Lp * DK, p, DK, rows < C, cols, DK)
+        dKp = load_rows(dko_ptr, bh * Lp * DK, p, DK, rows < C, cols, DK)
+        if SPLIT:  # dkw_kernel's part, apart
+            dKp += load_rows(dks_ptr, bh * Lp * DK, p, DK, rows < C, cols, DK)
         GDK = mm(GDc, K, PREC)
         GTK = mm(GTc, K, PREC)
         Kf = K.to(tl.float32)
@@ -311,7 +339,7 @@ def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, seg_ptr, tm_ptr, dw_ptr, dw
         store_rows(dk_ptr, krow0, p, H * DK, valid, cols, DK, dK)
     dbeta += ekk
     dgam = beta * ekk - ect + ds0d * s0d
-    for i in range(2 * NK):  # dq_kernel's and dkw_kernel's parts
+    for i in range(NGP):  # dq_kernel's (and dkw_kernel's) parts per dk block
         dgam += tl.load(dgp_ptr + i * BHLp + bh * Lp + p)
     tl.store(dbeta_ptr + b * L * H + p * H + h, dbeta.to(dbeta_ptr.dtype.element_ty), mask=valid)
     tl.store(dgamma_ptr + bh * Lp + p, dgam)

@@ -12,17 +12,19 @@ inside the chunk:
                                                          lies in the chunk, R of them at most)
 
 Kernels, in launch order:
-  wy_fwd_kernel      per (chunk, batch·head): A in 16×16 blocks, the blocked inverse Tm (saved for
-                     the backward), then U and Wk                                      (parallel)
-  state_fwd_kernel   per (batch·head, dv block): walks the chunks, stores each chunk's start
-                     state S_c and W, and the final state                             (sequential)
+  wy_fwd_kernel      per (chunk, batch·head): A from one C×C dot, the blocked inverse Tm (16×16
+                     diagonal blocks by forward substitution, merged with C×C dots; saved for the
+                     backward), then U and Wk                                          (parallel)
+  state_fwd_kernel   per (batch·head, dv block): walks the chunks with S in 64-row blocks,
+                     stores each chunk's start state S_c and W, and the final state   (sequential)
   output_fwd_kernel  per (chunk, batch·head, dv block): O at the query rows only        (parallel)
 
 Dot operands. 16-bit inputs: every dot multiplies 16-bit operands (tensor-core products are exact,
-accumulation fp32); fp32 intermediates (P = QKᵀ ⊙ D, the state S, the decayed W) are rounded to
-the 16-bit storage dtype first, as flash-linear-attention does. fp32 inputs: every dot multiplies
-fp32 operands with input_precision PREC, chosen by the host (kernels/deltaproduct_triton.py says
-which and why). The blocked inverse's 16×16 merges are always IEEE fp32.
+accumulation fp32); fp32 intermediates (P = QKᵀ ⊙ D, the state S, the decayed W, Tm) are rounded
+to the 16-bit storage dtype first, as flash-linear-attention does. fp32 inputs: every dot
+multiplies fp32 operands with input_precision PREC ("tf32x3", chosen by the host:
+kernels/deltaproduct_triton.py says why). The inverse's merges use INV_PREC ("tf32" for 16-bit
+inputs, whose Tm is then rounded to 16 bits; "tf32x3" for fp32).
 """
 
 import triton
@@ -102,7 +104,7 @@ def chunk_gates(gamma_ptr, seg_ptr, bh, b, c, Lp, C: tl.constexpr):
 
 @triton.jit
 def last_row_decay(gamma_ptr, seg_ptr, gamma, seg, bh, b, c, Lp, C: tl.constexpr):
-    """D's last row e^{γ_{C-1}-γ_s}[seg_s = seg_{C-1}] and a = s0d_{C-1} = e^{γ_{C-1}}[seg_{C-1} = 0]."""
+    """D's last row e^{γ_{C-1}-γ_s}[seg_s = seg_{C-1}], and a = s0d_{C-1}."""
     g_last = tl.load(gamma_ptr + bh * Lp + c * C + C - 1)
     s_last = tl.load(seg_ptr + b * Lp + c * C + C - 1)
     same = seg == s_last
@@ -143,7 +145,8 @@ def store_rows(ptr, row_base, rows, row_stride, rmask, cols, ncols, x):
 
 @triton.jit
 def _unit_lower_inverse_16(a):
-    """(I + a)^{-1} for strictly lower 16×16 a, by forward substitution T_i = e_i - Σ_{j<i} a_ij T_j.
+    """(I + a)^{-1} for strictly lower 16×16 a, by forward substitution:
+    T_i = e_i - Σ_{j<i} a_ij T_j.
 
     t holds T - I; rows 0 and 1 of -a are already final (T_1 - e_1 = -a_10 e_0)."""
     o = tl.arange(0, 16)
@@ -156,37 +159,39 @@ def _unit_lower_inverse_16(a):
 
 
 @triton.jit
-def _invert_diagonal_block(ptr, i: tl.constexpr, C: tl.constexpr):
-    """Replace the i-th 16×16 diagonal block a of the C×C matrix at ptr by (I + a)^{-1}. The block
-    is read in a blocked layout (two numbers per thread at 4 warps; a [16,16] dot result would
-    be replicated on every warp)."""
+def _invert_diagonal_block(scr_ptr, i: tl.constexpr):
+    """Replace the i-th 16×16 block a at scr_ptr ([C, 16] fp32, row-major) by (I + a)^{-1}. The
+    block is read in a blocked layout (two numbers per thread at 4 warps; a [16,16] dot result
+    would be replicated on every warp)."""
     o = tl.arange(0, 16)
-    offs = (16 * i + o[:, None]) * C + 16 * i + o[None, :]
-    t = _unit_lower_inverse_16(tl.load(ptr + offs))
+    offs = (16 * i + o[:, None]) * 16 + o[None, :]
+    t = _unit_lower_inverse_16(tl.load(scr_ptr + offs))
     tl.debug_barrier()  # all of the block is read before any of it is overwritten
-    tl.store(ptr + offs, t)
+    tl.store(scr_ptr + offs, t)
 
 
 @triton.jit
-def _blocked_inverse(tm_ptr, C: tl.constexpr, PREC: tl.constexpr):
-    """Tm = (I + A)^{-1} for the strictly lower C×C fp32 matrix A at tm_ptr (C = 16·NB, NB ∈
-    {1, 2, 4}), as flash-linear-attention's solve_tril: the 16×16 diagonal blocks by forward
-    substitution, then merged with C×C dots. With D_b = I + (A's diagonal blocks) and N = A's
-    off-diagonal blocks, I + A = D_b (I + X), X = D_b^{-1} N strictly block-lower, X^NB = 0:
+def _blocked_inverse(A, scr_ptr, C: tl.constexpr, PREC: tl.constexpr):
+    """Tm = (I + A)^{-1} for strictly lower A [C, C] fp32 (C = 16·NB, NB ∈ {1, 2, 4}), as
+    flash-linear-attention's solve_tril: the 16×16 diagonal blocks by forward substitution, then
+    merged with C×C dots. With D_b = I + (A's diagonal blocks) and N = A's off-diagonal blocks,
+    I + A = D_b (I + X), X = D_b^{-1} N strictly block-lower, X^NB = 0:
         Tm = (I - X + X² - ... ± X^{NB-1}) D_b^{-1}   (Horner: Y <- I - X Y, NB-1 times).
-    Returns Tm [C, C] fp32; tm_ptr then holds D_b^{-1} + N."""
+    The diagonal blocks go through scr_ptr ([C, 16] fp32 scratch): Triton cannot slice a tensor."""
     NB: tl.constexpr = C // 16
-    for i in tl.static_range(NB):
-        _invert_diagonal_block(tm_ptr, i, C)
-    tl.debug_barrier()
     rows = tl.arange(0, C)
-    M = tl.load(tm_ptr + rows[:, None] * C + rows[None, :])
     same = (rows[:, None] // 16) == (rows[None, :] // 16)
-    Dinv = tl.where(same, M, 0.0)
+    scr = scr_ptr + rows[:, None] * 16 + rows[None, :] % 16  # row r's diagonal block entries
+    tl.store(scr, A, mask=same)
+    tl.debug_barrier()  # written by other threads of this program
+    for i in tl.static_range(NB):
+        _invert_diagonal_block(scr_ptr, i)
+    tl.debug_barrier()
+    Dinv = tl.load(scr, mask=same, other=0.0)
     if NB == 1:
         Tm = Dinv
     else:
-        X = tl.dot(Dinv, tl.where(same, 0.0, M), input_precision=PREC)
+        X = tl.dot(Dinv, tl.where(same, 0.0, A), input_precision=PREC)
         eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
         Y = eye - X
         for _ in tl.static_range(NB - 2):
@@ -196,15 +201,15 @@ def _blocked_inverse(tm_ptr, C: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def wy_fwd_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, seg_ptr, tm_ptr, u_ptr, wk_ptr, L, Lp,
+def wy_fwd_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, seg_ptr, scr_ptr, tm_ptr, u_ptr, wk_ptr, L, Lp,
                   H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, TM_PREC: tl.constexpr,
-                  INV_PREC: tl.constexpr, TMD: tl.constexpr):
+                  INV_PREC: tl.constexpr):
     """Tm = (I + A)^{-1}, U = Tm diag(β) V, Wk = Tm diag(β s0d) K for one chunk of one head.
 
-    A = strict(β KKᵀ ⊙ D) comes from one C×C dot and is written to Tm's place (fp32), where the
-    blocked inverse reads its 16×16 blocks; Tm is stored there for the backward. The inverse's
-    merges use INV_PREC, Tm's dots TM_PREC."""
+    A = strict(β KKᵀ ⊙ D) comes from one C×C dot; the blocked inverse (merges in INV_PREC) gives
+    Tm, stored in tm_ptr's dtype for the backward; U and Wk use Tm as stored (TM_PREC when that
+    is fp32)."""
     c, bh = tl.program_id(0), tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
@@ -221,12 +226,12 @@ def wy_fwd_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, seg_ptr, tm_ptr, u_ptr, wk_
         KK = mma(K, tl.trans(K), KK, PREC)
     keep = (rows[:, None] > rows[None, :]) & (seg[:, None] == seg[None, :])
     # exp only of γ_i - γ_s ≤ 0 (s < i): nothing overflows.
-    A = tl.where(keep, beta[:, None] * KK * tl.exp(tl.where(keep, gamma[:, None] - gamma[None, :], 0.0)), 0.0)
+    decay = tl.exp(tl.where(keep, gamma[:, None] - gamma[None, :], 0.0))
+    A = tl.where(keep, beta[:, None] * KK * decay, 0.0)
+    Tm = _blocked_inverse(A, scr_ptr + (bh * Lp + c * C) * 16, C, INV_PREC)
+    TD: tl.constexpr = tm_ptr.dtype.element_ty
+    Tm = Tm.to(TD)
     tm_offs = bh * Lp * C + c * C * C + rows[:, None] * C + rows[None, :]  # Tm is [B·H, Lp, C]
-    tl.store(tm_ptr + tm_offs, A)
-    tl.debug_barrier()  # A was written by other threads of this program
-    Tm = _blocked_inverse(tm_ptr + bh * Lp * C + c * C * C, C, INV_PREC)
-    tl.debug_barrier()
     tl.store(tm_ptr + tm_offs, Tm)
 
     s0d = tl.where(seg == 0, tl.exp(gamma), 0.0)
@@ -234,12 +239,12 @@ def wy_fwd_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, seg_ptr, tm_ptr, u_ptr, wk_
     for vb in range(0, DV, BV):
         cols = vb + tl.arange(0, BV)
         V = load_rows(v_ptr, vrow0, p, H * DV, valid, cols, DV)
-        U = mm(Tm.to(TMD), (beta[:, None] * V.to(tl.float32)).to(TMD), TM_PREC)
+        U = mm(Tm, (beta[:, None] * V.to(tl.float32)).to(TD), TM_PREC)
         store_rows(u_ptr, bh * Lp * DV, p, DV, rows < C, cols, DV, U)
     for kb in range(0, DK, BK):
         cols = kb + tl.arange(0, BK)
         K = load_rows(k_ptr, krow0, p, H * DK, valid, cols, DK)
-        Wk = mm(Tm.to(TMD), ((beta * s0d)[:, None] * K.to(tl.float32)).to(TMD), TM_PREC)
+        Wk = mm(Tm, ((beta * s0d)[:, None] * K.to(tl.float32)).to(TD), TM_PREC)
         store_rows(wk_ptr, bh * Lp * DK, p, DK, rows < C, cols, DK, Wk)
 
 
@@ -283,7 +288,9 @@ def state_fwd_kernel(k_ptr, u_ptr, wk_ptr, gamma_ptr, seg_ptr, s0_ptr, sstart_pt
     NS: tl.constexpr = triton.cdiv(DK, BK)
     SD: tl.constexpr = w_ptr.dtype.element_ty
     XD: tl.constexpr = sstart_ptr.dtype.element_ty
-    kc = tl.arange(0, BK)
+    kc = tl.arange(0, BK)  # the columns of row block j of S are j·kc1
+    kc1, kc2, kc3 = BK + kc, 2 * BK + kc, 3 * BK + kc
+    wkb = bh * Lp * DK
     vcols = pid_v * BV + tl.arange(0, BV)
     rows = tl.arange(0, C)
     s0b = bh * DK * DV
@@ -307,15 +314,15 @@ def state_fwd_kernel(k_ptr, u_ptr, wk_ptr, gamma_ptr, seg_ptr, s0_ptr, sstart_pt
         p = c * C + rows
         kvalid = p < L
         state_block_store(sstart_ptr, sb, 0, vcols, S0, DK, DV, BK)
-        WS = mm(load_rows(wk_ptr, bh * Lp * DK, p, DK, rows < C, kc, DK), S0.to(XD), PREC)
+        WS = mm(load_rows(wk_ptr, wkb, p, DK, rows < C, kc, DK), S0.to(XD), PREC)
         if NS >= 2:
             state_block_store(sstart_ptr, sb, 1, vcols, S1, DK, DV, BK)
-            WS = mma(load_rows(wk_ptr, bh * Lp * DK, p, DK, rows < C, BK + kc, DK), S1.to(XD), WS, PREC)
+            WS = mma(load_rows(wk_ptr, wkb, p, DK, rows < C, kc1, DK), S1.to(XD), WS, PREC)
         if NS >= 4:
             state_block_store(sstart_ptr, sb, 2, vcols, S2, DK, DV, BK)
             state_block_store(sstart_ptr, sb, 3, vcols, S3, DK, DV, BK)
-            WS = mma(load_rows(wk_ptr, bh * Lp * DK, p, DK, rows < C, 2 * BK + kc, DK), S2.to(XD), WS, PREC)
-            WS = mma(load_rows(wk_ptr, bh * Lp * DK, p, DK, rows < C, 3 * BK + kc, DK), S3.to(XD), WS, PREC)
+            WS = mma(load_rows(wk_ptr, wkb, p, DK, rows < C, kc2, DK), S2.to(XD), WS, PREC)
+            WS = mma(load_rows(wk_ptr, wkb, p, DK, rows < C, kc3, DK), S3.to(XD), WS, PREC)
         U = load_rows(u_ptr, bh * Lp * DV, p, DV, rows < C, vcols, DV)
         W = (U.to(tl.float32) - WS).to(SD)
         store_rows(w_ptr, bh * Lp * DV, p, DV, rows < C, vcols, DV, W)
@@ -324,10 +331,10 @@ def state_fwd_kernel(k_ptr, u_ptr, wk_ptr, gamma_ptr, seg_ptr, s0_ptr, sstart_pt
         Wd = (dlast[:, None] * W.to(tl.float32)).to(XD)
         S0 = mma(tl.trans(load_rows(k_ptr, krow0, p, H * DK, kvalid, kc, DK)), Wd, a * S0, PREC)
         if NS >= 2:
-            S1 = mma(tl.trans(load_rows(k_ptr, krow0, p, H * DK, kvalid, BK + kc, DK)), Wd, a * S1, PREC)
+            S1 = mma(tl.trans(load_rows(k_ptr, krow0, p, H * DK, kvalid, kc1, DK)), Wd, a * S1, PREC)
         if NS >= 4:
-            S2 = mma(tl.trans(load_rows(k_ptr, krow0, p, H * DK, kvalid, 2 * BK + kc, DK)), Wd, a * S2, PREC)
-            S3 = mma(tl.trans(load_rows(k_ptr, krow0, p, H * DK, kvalid, 3 * BK + kc, DK)), Wd, a * S3, PREC)
+            S2 = mma(tl.trans(load_rows(k_ptr, krow0, p, H * DK, kvalid, kc2, DK)), Wd, a * S2, PREC)
+            S3 = mma(tl.trans(load_rows(k_ptr, krow0, p, H * DK, kvalid, kc3, DK)), Wd, a * S3, PREC)
     state_block_store(final_ptr, s0b, 0, vcols, S0, DK, DV, BK)
     if NS >= 2:
         state_block_store(final_ptr, s0b, 1, vcols, S1, DK, DV, BK)
