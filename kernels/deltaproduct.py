@@ -241,7 +241,7 @@ def deltaproduct(q, k, v, beta, g=None, scale=None, initial_state=None, reset=No
 
     backend="auto": the Triton kernels (kernels/deltaproduct_triton.py) when q is a CUDA tensor
     of dtype fp32/bf16/fp16, triton imports, the shapes suit the kernels (chunk_size 16, 32 or
-    64, dk and dv >= 16) and the kernels passed their startup self-check for this shape
+    64, 16 <= dk <= 256, dv >= 16) and the kernels passed their startup self-check for this shape
     class (kernels/selfcheck.py: the first call compares them with this module's chunkwise form on
     a small slice, and a failure falls back to the torch form for the run); otherwise the torch
     chunkwise form (deltaproduct_chunkwise, autograd gradients), which also serves fp64.
@@ -255,7 +255,7 @@ def deltaproduct(q, k, v, beta, g=None, scale=None, initial_state=None, reset=No
     on_gpu = q.is_cuda or selfcheck.forced_on_cpu()
     if backend == "auto":
         use_triton = (on_gpu and q.dtype != torch.float64 and chunk_size in (16, 32, 64)
-                      and min(k.shape[-1], v.shape[-1]) >= 16 and _triton_available())
+                      and 16 <= k.shape[-1] <= 256 and v.shape[-1] >= 16 and _triton_available())
     else:
         use_triton = backend == "triton"
     if use_triton:
