@@ -50,9 +50,10 @@ from kernels.deltaproduct_triton_bwd import (dkw_kernel, dq_kernel, dv_local_ker
 from kernels.deltaproduct_triton_fwd import (output_fwd_kernel, set_interpreter_bf16_upcast,
                                              state_fwd_kernel, wy_fwd_kernel)
 
-__all__ = ["deltaproduct_triton", "CHUNK_SIZES"]
+__all__ = ["deltaproduct_triton", "CHUNK_SIZES", "MAX_DK"]
 
 CHUNK_SIZES = (16, 32, 64)  # the blocked inverse merges 1, 2 or 4 blocks of 16
+MAX_DK = 256
 
 
 def _pow2(n):
@@ -273,10 +274,11 @@ def deltaproduct_triton(q, k, v, beta, g=None, scale=None, initial_state=None, r
     (o [B,T,H,dv] in q's dtype, final_state [B,H,dk,dv] fp32).
     """
     dk, dv = k.shape[-1], v.shape[-1]
-    if chunk_size not in CHUNK_SIZES or dk < 16 or dv < 16:
+    # The state walks hold the state in at most four blocks of 64 rows: dk <= 256.
+    if chunk_size not in CHUNK_SIZES or not 16 <= dk <= MAX_DK or dv < 16:
         raise ValueError(
-            f"the Triton DeltaProduct needs chunk_size in {CHUNK_SIZES} and dk, dv >= 16; "
-            f"got chunk_size={chunk_size}, dk={dk}, dv={dv}")
+            f"the Triton DeltaProduct needs chunk_size in {CHUNK_SIZES}, 16 <= dk <= {MAX_DK} and "
+            f"dv >= 16; got chunk_size={chunk_size}, dk={dk}, dv={dv}")
     scale = dk**-0.5 if scale is None else float(scale)
     return DeltaProductTritonFunction.apply(q, k, v, beta, g, initial_state, reset, scale,
                                             chunk_size)

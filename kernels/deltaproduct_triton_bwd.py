@@ -41,7 +41,6 @@ def dv_local_kernel(q_ptr, k_ptr, gamma_ptr, seg_ptr, do_ptr, dwl_ptr, scale, T,
     b = (bh // H).to(tl.int64)
     h = bh % H
     bh = bh.to(tl.int64)
-    CD: tl.constexpr = k_ptr.dtype.element_ty
     rows = tl.arange(0, C)
     p = c * C + rows
     t, iq, qvalid = query_rows(c, T, C, NH, R)

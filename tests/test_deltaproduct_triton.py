@@ -284,6 +284,9 @@ def test_dispatch_errors_are_one_line():
         deltaproduct(**x, chunk_size=24, backend="triton")
     with pytest.raises(ValueError, match=r"chunk_size in \(16, 32, 64\)"):
         deltaproduct(**x, chunk_size=128, backend="triton")
+    wide = make_inputs(T=2, n_h=1, dk=512, batch=1, heads=1)
+    with pytest.raises(ValueError, match="16 <= dk <= 256.*dk=512"):
+        deltaproduct(**wide, backend="triton")
 
 
 # ---------------------------------------------------------------------------------------------
