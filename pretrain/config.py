@@ -6,6 +6,7 @@ line naming the key and what would be valid; launch/ prints it and exits non-zer
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -138,6 +139,9 @@ class TrainConfig:
     kernel_backend: Literal["auto", "torch", "triton"] = "auto"
     eval_every: int = 0           # steps between val_loss evaluations on the "val" split; 0 = never
     eval_batches: int = 10        # micro-batches per evaluation
+    # Stop (exit 3, nothing saved) after this many optimizer steps in a row were skipped for a
+    # non-finite loss or gradient: the run has diverged; resume from the last checkpoint with a lower lr.
+    max_consecutive_nonfinite: int = 10
 
 
 @dataclass
@@ -285,40 +289,86 @@ def _set_override(cfg: Any, dotted: str, raw: str) -> None:
                 raise ConfigError(f"'{'.'.join(parts[:i + 1])}' is a value, not a section; cannot set '{dotted}'")
 
 
+def _check_ranges(cfg: Config) -> None:
+    """Each numeric key against the values that make sense; the first one outside is a one-line
+    error naming the key, its value and what is valid."""
+    m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
+    positive = "> 0"
+    rules = [  # (key, value, valid?, what is valid)
+        ("model.vocab_size", m.vocab_size, m.vocab_size > 0, positive),
+        ("model.d_model", m.d_model, m.d_model > 0, positive),
+        ("model.n_layers", m.n_layers, m.n_layers > 0, positive),
+        ("model.mlp_ratio", m.mlp_ratio, m.mlp_ratio > 0, positive),
+        ("model.mlp_multiple", m.mlp_multiple, m.mlp_multiple > 0, positive),
+        ("model.norm_eps", m.norm_eps, m.norm_eps > 0, positive),
+        ("model.init_std", m.init_std, m.init_std > 0, positive),
+        ("model.deltaproduct.num_heads", m.deltaproduct.num_heads, m.deltaproduct.num_heads > 0, positive),
+        ("model.deltaproduct.head_dim", m.deltaproduct.head_dim, m.deltaproduct.head_dim > 0, positive),
+        ("model.deltaproduct.expand_v", m.deltaproduct.expand_v, m.deltaproduct.expand_v > 0, positive),
+        ("model.deltaproduct.num_householder", m.deltaproduct.num_householder, m.deltaproduct.num_householder > 0,
+         positive),
+        ("model.deltaproduct.conv_size", m.deltaproduct.conv_size, m.deltaproduct.conv_size > 0, positive),
+        ("model.deltaproduct.chunk_size", m.deltaproduct.chunk_size, m.deltaproduct.chunk_size > 0, positive),
+        ("model.attention.num_heads", m.attention.num_heads, m.attention.num_heads > 0, positive),
+        ("model.attention.rope_theta", m.attention.rope_theta, m.attention.rope_theta > 0, positive),
+        ("data.seq_len", d.seq_len, d.seq_len > 0, positive),
+        ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
+        ("data.prefetch_factor", d.prefetch_factor, d.prefetch_factor >= 1, ">= 1"),
+        ("train.micro_batch_size", t.micro_batch_size, t.micro_batch_size > 0, positive),
+        ("train.grad_accum", t.grad_accum, t.grad_accum > 0, positive),
+        ("train.max_steps", t.max_steps, t.max_steps > 0, positive),
+        ("train.stop_at", t.stop_at, 0 <= t.stop_at <= t.max_steps, f"in [0, train.max_steps={t.max_steps}] (0: run to max_steps)"),
+        ("train.lr", t.lr, 0 < t.lr < math.inf, "a finite number > 0"),
+        ("train.min_lr_ratio", t.min_lr_ratio, 0 <= t.min_lr_ratio <= 1, "in [0, 1] (the final lr as a fraction of train.lr)"),
+        ("train.warmup_steps", t.warmup_steps, 0 <= t.warmup_steps <= t.max_steps, f"in [0, train.max_steps={t.max_steps}]"),
+        ("train.decay_fraction", t.decay_fraction, 0 <= t.decay_fraction <= 1, "in [0, 1] (the fraction of steps that decays)"),
+        ("train.weight_decay", t.weight_decay, 0 <= t.weight_decay < math.inf, "a finite number >= 0"),
+        ("train.beta1", t.beta1, 0 <= t.beta1 < 1, "in [0, 1)"),
+        ("train.beta2", t.beta2, 0 <= t.beta2 < 1, "in [0, 1)"),
+        ("train.grad_clip", t.grad_clip, 0 <= t.grad_clip < math.inf, "a finite number >= 0 (0: no clipping)"),
+        ("train.save_every", t.save_every, t.save_every > 0, "> 0 (steps between checkpoints)"),
+        ("train.keep_last", t.keep_last, t.keep_last >= 0, ">= 0 (0: keep every checkpoint)"),
+        ("train.keep_every", t.keep_every, t.keep_every >= 0, ">= 0 (0: none)"),
+        ("train.max_consecutive_nonfinite", t.max_consecutive_nonfinite, t.max_consecutive_nonfinite > 0,
+         "> 0 (consecutive skipped steps after which the run stops)"),
+        ("train.peak_tflops", t.peak_tflops, t.peak_tflops is None or t.peak_tflops > 0, "> 0 or null"),
+        ("train.eval_every", t.eval_every, t.eval_every >= 0, ">= 0 (0: never)"),
+        ("train.eval_batches", t.eval_batches, t.eval_batches >= 1, ">= 1"),
+        ("parallel.tp", p.tp, p.tp > 0, positive),
+        ("parallel.sp", p.sp, p.sp > 0, positive),
+        ("parallel.zero_stage", p.zero_stage, p.zero_stage in (0, 1, 2, 3), "one of 0, 1, 2, 3"),
+        ("logging.log_every", cfg.logging.log_every, cfg.logging.log_every > 0, positive),
+    ]
+    for name in ("paragru", "paralstm"):
+        rnn = getattr(m, name)
+        rules += [
+            (f"model.{name}.expand", rnn.expand, rnn.expand > 0, positive),
+            (f"model.{name}.num_heads", rnn.num_heads, rnn.num_heads > 0, positive),
+            (f"model.{name}.num_iters", rnn.num_iters, rnn.num_iters > 0, positive),
+            (f"model.{name}.max_iters", rnn.max_iters, rnn.max_iters >= rnn.num_iters,
+             f">= model.{name}.num_iters={rnn.num_iters}"),
+            (f"model.{name}.tol", rnn.tol, rnn.tol is None or rnn.tol > 0, "> 0 or null (never iterate further)"),
+        ]
+    for key, value, ok, valid in rules:
+        if not ok:  # `not ok` also catches nan, whose every comparison is False
+            raise ConfigError(f"{key} must be {valid}, got {value!r}")
+
+
 def validate(cfg: Config) -> Config:
+    _check_ranges(cfg)
     m = cfg.model
     mixers = m.layer_mixers()
     if len(mixers) != m.n_layers:
         raise ConfigError(f"model.mixers has {len(m.mixers)} entries but model.n_layers={m.n_layers}; "
                           f"give one mixer per layer or a single mixer for all")
-    positive = {"model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
-                "data.seq_len": cfg.data.seq_len, "train.micro_batch_size": cfg.train.micro_batch_size,
-                "train.grad_accum": cfg.train.grad_accum, "train.max_steps": cfg.train.max_steps,
-                "parallel.tp": cfg.parallel.tp, "parallel.sp": cfg.parallel.sp,
-                "logging.log_every": cfg.logging.log_every}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    for key, value in {"data.num_workers": cfg.data.num_workers, "train.eval_every": cfg.train.eval_every}.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value}")
-    if cfg.data.prefetch_factor < 1 or cfg.train.eval_batches < 1:
-        raise ConfigError(f"data.prefetch_factor and train.eval_batches must be >= 1, got "
-                          f"{cfg.data.prefetch_factor} and {cfg.train.eval_batches}")
-    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage must be one of 0, 1, 2, 3, got {cfg.parallel.zero_stage}")
-    if cfg.train.stop_at < 0 or cfg.train.stop_at > cfg.train.max_steps:
-        raise ConfigError(f"train.stop_at must be in [0, train.max_steps={cfg.train.max_steps}], got {cfg.train.stop_at}")
     for name in ("paragru", "paralstm"):
         rnn = getattr(m, name)
         hidden = int(rnn.expand * m.d_model)
-        if name in mixers and (hidden % rnn.num_heads or m.d_model % rnn.num_heads):
+        if name in mixers and (hidden < rnn.num_heads or hidden % rnn.num_heads or m.d_model % rnn.num_heads):
             raise ConfigError(f"model.{name}.num_heads={rnn.num_heads} must divide d_model={m.d_model} "
-                              f"and the hidden size {hidden}")
+                              f"and the hidden size {hidden} (expand={rnn.expand} x d_model)")
     if "attention" in mixers and m.d_model % m.attention.num_heads:
         raise ConfigError(f"model.attention.num_heads={m.attention.num_heads} must divide d_model={m.d_model}")
-    if "deltaproduct" in mixers and m.deltaproduct.num_householder < 1:
-        raise ConfigError(f"model.deltaproduct.num_householder must be >= 1, got {m.deltaproduct.num_householder}")
     return cfg
 
 
@@ -330,7 +380,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass an existing YAML file, e.g. configs/smoke.yaml")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                              f"save the config as UTF-8 YAML") from None
+        if not text.strip() or all(not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()):
+            raise ConfigError(f"{path} is empty; write the sections to change (model:, data:, train:, ...), "
+                              f"or leave out --config for the defaults")
+        try:
+            values = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -26,7 +26,7 @@ def test_smoke_config_loads_with_typed_values():
 
 def test_overrides_parse_by_field_type():
     cfg = load_config(REPO / "configs/smoke.yaml", [
-        "train.max_steps=17", "train.lr=1e-4", "model.tie_embeddings=false",
+        "train.max_steps=17", "train.warmup_steps=2", "train.lr=1e-4", "model.tie_embeddings=false",
         "model.mixers=[attention,paralstm]", "model.n_layers=2", "train.run_dir=/tmp/x",
         "model.paragru.tol=null", "logging.wandb.mode=disabled"])
     assert cfg.train.max_steps == 17
