@@ -8,8 +8,12 @@ import argparse
 import json
 import sys
 
-from launch.errors import run_cli
-from pretrain.config import load_config
+from pretrain import preemption
+
+preemption.install()  # first: SIGTERM during the imports and start-up is a preemption (exit 75)
+
+from launch.errors import run_cli  # noqa: E402
+from pretrain.config import load_config  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -27,9 +31,11 @@ def main(argv=None) -> int:
 
     if not dist.is_initialized() or dist.get_rank() == 0:
         fl, ll = summary["first_loss"], summary["last_loss"]
-        print(f"done: step {summary['step']}, loss {fl:.4f} -> {ll:.4f} (this run), "
-              f"{summary['tokens_per_s']:,.0f} tokens/s, checkpoint {summary['checkpoint']}"
-              if fl is not None else f"done: nothing to do, already at step {summary['step']}", flush=True)
+        if fl is not None:
+            print(f"done: step {summary['step']}, loss {fl:.4f} -> {ll:.4f} (this run), "
+                  f"{summary['tokens_per_s']:,.0f} tokens/s, checkpoint {summary['checkpoint']}", flush=True)
+        elif summary["exit_code"] == 0:
+            print(f"done: nothing to do, already at step {summary['step']}", flush=True)
         print("summary: " + json.dumps(summary), flush=True)
     return summary["exit_code"]
 

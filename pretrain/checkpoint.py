@@ -176,9 +176,12 @@ def damage(ckpt: Path) -> str | None:
     if not manifest.is_file():
         return "no manifest.json (the save did not finish)"
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
-        return "manifest.json is unreadable"
+        values = json.loads(manifest.read_text())
+        files, sha = values["files"], values.get("sha256", {})
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "manifest.json is unreadable (not JSON, or no 'files')"
+    if not (isinstance(files, dict) and all(isinstance(v, int) for v in files.values()) and isinstance(sha, dict)):
+        return "manifest.json is malformed ('files' must map names to sizes, 'sha256' names to hashes)"
     for name, size in files.items():
         path = ckpt / name
         if not path.is_file():
@@ -231,8 +234,20 @@ def find_latest(run_dir: str | Path, report=None, verify: bool = False, skipped:
     return None
 
 
+TRAINER_STATE_KEYS = ("step", "tokens", "skipped_steps", "config")
+
+
 def read_trainer_state(ckpt: str | Path) -> dict:
-    return json.loads((Path(ckpt) / "trainer_state.json").read_text())
+    """trainer_state.json; a one-line error when it is not a JSON object (an edited or damaged file
+    whose manifest was rewritten to match: the sha256 check cannot catch that)."""
+    path = Path(ckpt) / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} is unreadable ({exc}); use another checkpoint") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path} is not a JSON object; use another checkpoint")
+    return state
 
 
 def load_checkpoint(engine, ckpt: str | Path) -> tuple[dict, dict]:
@@ -263,6 +278,8 @@ def load_checkpoint(engine, ckpt: str | Path) -> tuple[dict, dict]:
 
 class UnsafeCheckpointError(ConfigError):
     """A checkpoint file whose unpickling would call something other than the allowed classes."""
+
+    rank_specific = True  # the file may be one only this rank loads: launch/errors.py prints it on every rank
 
 
 def _deepspeed_pickled_classes() -> list[type]:

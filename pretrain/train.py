@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import os
-import signal
 import socket
 import time
 import uuid
@@ -21,9 +20,12 @@ import torch.distributed as dist
 import yaml
 
 from data.loader import TokenLoader
+from data.mixing import parse_mix
+from data.shards import load_manifest
 from kernels import selfcheck
 from parallel.topology import ParallelDims
 from pretrain import checkpoint as ckpt_lib
+from pretrain import preemption
 from pretrain.config import Config, ConfigError, to_dict
 from pretrain.metrics import MetricsLogger, device_peak_flops, plot_loss_svg, read_metrics
 from pretrain.model import LanguageModel
@@ -69,6 +71,14 @@ def init_distributed(device: torch.device) -> None:
     if "RANK" not in os.environ:  # plain `python -m launch.train`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if device.type == "cpu":
+        # DeepSpeed's CPU backend would JIT-compile its shared-memory all-reduce op here (1-4 minutes
+        # with g++, in TORCH_EXTENSIONS_DIR; a build interrupted there leaves a `lock` file that makes
+        # every later run wait silently forever). Only inference_all_reduce uses it; training's
+        # collectives go through gloo, so the op is marked unavailable and never built.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    verbose=False)
@@ -117,16 +127,40 @@ def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict:
     }
 
 
+# The optimizer settings a resumed run takes from its config, not from the checkpoint (README, Resume).
+SCHEDULE_KEYS = ("lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction", "max_steps", "weight_decay",
+                 "beta1", "beta2", "grad_clip")
+
+
+def apply_config_on_resume(optimizer, scheduler, intended: list[dict], t) -> None:
+    """Rule: on resume the config's lr, schedule, betas and weight decay apply from the resumed step
+    on (lowering train.lr is how a diverging run is continued). The checkpoint's optimizer and
+    scheduler state carry the old ones (LambdaLR's base_lrs, each group's lr/betas/weight_decay), so
+    `intended` -- each group's settings as built from this config -- is put back after the load;
+    unchanged settings give the same numbers bit for bit."""
+    for group, want in zip(optimizer.param_groups, intended):
+        group.update(want)
+    scheduler.base_lrs = [want["initial_lr"] for want in intended]
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * lr_multiplier(scheduler.last_epoch, t)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def changed_on_resume(old_train: dict, t) -> list[str]:
+    return [f"train.{k} {old_train.get(k)!r} -> {getattr(t, k)!r}" for k in SCHEDULE_KEYS
+            if old_train.get(k) != getattr(t, k)]
+
+
 class PreemptionFlag:
-    """SIGTERM / SIGUSR1 (Slurm's warning before the end) -> save at the end of this step and exit."""
+    """SIGTERM / SIGUSR1 (Slurm's warning before the end) -> save at the end of this step and exit
+    (pretrain/preemption.py; a signal caught since launch.train started counts)."""
 
     def __init__(self):
-        self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        preemption.install()
 
-    def _handle(self, signum, frame):
-        self.raised = True
+    @property
+    def raised(self) -> bool:
+        return preemption.received()
 
     def any_rank(self, device) -> bool:
         flag = torch.tensor([1.0 if self.raised else 0.0], device=device)
@@ -136,6 +170,11 @@ class PreemptionFlag:
 
 
 def check_resume_compatible(cfg: Config, state: dict, tokenizer_checksum: str, dims: ParallelDims) -> None:
+    missing = [k for k in ckpt_lib.TRAINER_STATE_KEYS if k not in state]
+    missing += [f"config.{k}" for k in ("model", "parallel") if k not in state.get("config", {})]
+    if missing:
+        raise ConfigError(f"cannot resume: the checkpoint's trainer_state.json lacks {', '.join(missing)}; "
+                          f"use another checkpoint")
     old = state["config"]["model"]
     new = to_dict(cfg.model)
     diffs = [f"model.{k}: checkpoint {old.get(k)!r} vs config {new[k]!r}" for k in new if old.get(k) != new[k]]
@@ -145,6 +184,12 @@ def check_resume_compatible(cfg: Config, state: dict, tokenizer_checksum: str, d
         raise ConfigError("cannot resume: the data's tokenizer differs from the checkpoint's "
                           f"({state.get('tokenizer_checksum', '?')[:12]} vs {tokenizer_checksum[:12]})")
     now = {"dp": dims.dp, "sp": dims.sp, "tp": dims.tp}
+    was = state["config"]["parallel"].get("zero_stage")
+    if state.get("layout") != "full" and state.get("topology") == now and was != cfg.parallel.zero_stage \
+            and {was, cfg.parallel.zero_stage} - {1, 2}:  # loaded as written: 1 and 2 share a layout, 0 and 3 not
+        raise ConfigError(f"cannot resume: the checkpoint was written with parallel.zero_stage={was}, this run has "
+                          f"parallel.zero_stage={cfg.parallel.zero_stage}; resume with parallel.zero_stage={was}"
+                          + (" (1 and 2 are interchangeable)" if was in (1, 2) else ""))
     if state.get("layout") == "full" or state.get("topology") != now:  # resharded on load
         stages = {state["config"]["parallel"]["zero_stage"], cfg.parallel.zero_stage}
         if stages - {1, 2}:
@@ -168,6 +213,19 @@ def lock_run_dir(lock: RunDirLock, rank: int, world: int) -> None:
         error = box[0]
     if error is not None:
         raise ConfigError(error)
+
+
+def check_data_paths(cfg: Config) -> None:
+    """Each data directory has a readable manifest: a wrong data.path is one line within seconds,
+    before the process group, DeepSpeed or the model are set up."""
+    key = "data.mix" if cfg.data.mix else "data.path"
+    try:
+        paths = [p for p, _ in parse_mix([e if isinstance(e, str) else (e.path, e.weight) for e in cfg.data.mix])] \
+            if cfg.data.mix else [cfg.data.path]
+        for path in paths:
+            load_manifest(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def build_loader(cfg: Config, dims: ParallelDims, split: str = "train") -> TokenLoader:
@@ -284,6 +342,7 @@ def kernel_fallbacks() -> list[str]:
 def train(cfg: Config) -> dict:
     """Run (or resume) the job described by cfg; returns a summary dict. The run dir is locked
     against a second trainer from before it is read until the run ends (pretrain/run_dir.py)."""
+    preemption.install()
     lock = RunDirLock(cfg.train.run_dir)
     try:
         return _train(cfg, lock)
@@ -295,6 +354,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
     import deepspeed
     from tqdm import tqdm
 
+    check_data_paths(cfg)
     _quiet_deepspeed()
     device, dtype = resolve_device(cfg)
     t = cfg.train
@@ -352,6 +412,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                                   eps=1e-8, fused=False, foreach=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, t))
+    intended = [{k: g[k] for k in ("initial_lr", "betas", "weight_decay")} for g in optimizer.param_groups]
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=deepspeed_config(cfg, dtype),
                                                            mpu=dims.mpu() if dims.tp * dims.sp > 1 else None)
@@ -368,6 +429,10 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
         except ValueError as exc:
             raise ConfigError(f"cannot resume from {resume_from}: {exc}") from None
         ckpt_lib.set_rng_state(rank_state["rng"])
+        apply_config_on_resume(optimizer, scheduler, intended, t)
+        changed = changed_on_resume(trainer_state["config"].get("train", {}), t)
+        if changed and rank == 0:
+            print(f"resuming with changed settings, applied from step {step} on: {', '.join(changed)}", flush=True)
     # The seed (and RNG restore on resume) come before anything random on the training path.
     if rank == 0:  # the first writes to the run dir, after every check that can refuse the run
         if clash:  # train.overwrite=true
@@ -409,9 +474,20 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
     run_t0, run_tokens = time.perf_counter(), 0
     last_ckpt = resume_from
     exit_code = 0
+    if preempt.any_rank(device):  # a signal during start-up: nothing new to save, requeue as it is
+        exit_code = REQUEUE_EXIT_CODE
+        if rank == 0:
+            (run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "checkpoint": str(last_ckpt)}))
+            print(f"preempted during start-up (step {step}, checkpoint {last_ckpt}); exiting with "
+                  f"{REQUEUE_EXIT_CODE} to be requeued", flush=True)
+    # A step is non-finite when a micro-batch's loss was (not backpropagated) or DeepSpeed skipped
+    # the update for non-finite gradients ("OVERFLOW!", engine.skipped_steps); both are the same on
+    # every rank. No checkpoint is written right after one; max_consecutive_nonfinite in a row stop the run.
+    ds_skipped, nonfinite_run = engine.skipped_steps, 0
     engine.train()
-    while step < end_step:
+    while step < end_step and exit_code == 0:
         step_loss = torch.zeros((), device=device)
+        dropped = 0
         for _ in range(t.grad_accum):
             batch = sequence_slice({k: v.to(device, non_blocking=True) for k, v in next(loader).items()}, dims)
             loss = engine(batch["input_ids"], labels=batch["labels"], doc_start=batch["doc_start"])
@@ -423,9 +499,13 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
                 engine.backward(loss)
                 step_loss += loss.detach() / t.grad_accum
             else:  # a non-finite micro-batch is not backpropagated anywhere; counted and logged
-                skipped += 1
+                dropped += 1
             engine.step()
         step += 1
+        nonfinite = dropped > 0 or engine.skipped_steps > ds_skipped
+        ds_skipped = engine.skipped_steps
+        skipped += int(nonfinite)
+        nonfinite_run = nonfinite_run + 1 if nonfinite else 0
         tokens_seen += tokens_per_step
         run_tokens += tokens_per_step
         if world > 1:  # the mean over dp of the full sequences' loss (sp ranks hold partial sums)
@@ -439,7 +519,8 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
         pbar.update(1)
         newton.end_step(step)
 
-        if step == 1 or step % cfg.logging.log_every == 0 or step == end_step:
+        diverged = nonfinite_run >= t.max_consecutive_nonfinite
+        if step == 1 or step % cfg.logging.log_every == 0 or step == end_step or diverged:
             elapsed = time.perf_counter() - window_t0
             tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
             mfu = tok_s * flops_per_token / (peak * world) if peak else None
@@ -469,6 +550,16 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
                                  + (f" | skipped {skipped}" if skipped else ""), refresh=False)
             window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
 
+        if diverged or (nonfinite_run and step == end_step):
+            pbar.close()
+            metrics.close()
+            raise ConfigError(
+                f"the run diverged: {nonfinite_run} optimizer steps in a row (steps {step - nonfinite_run + 1}-{step}) "
+                f"had a non-finite loss or gradient (train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}); "
+                "nothing was saved after them; the last good checkpoint is "
+                + (f"{last_ckpt}: resume from it (train.resume=auto) with a lower train.lr" if last_ckpt else
+                   "none (no checkpoint was written): start again with a lower train.lr"))
+
         if t.eval_every and step % t.eval_every == 0:
             val_loss = evaluate(engine, val_loader, t.eval_batches, dims, device)
             metrics.log({"step": step, "val_loss": val_loss})
@@ -476,7 +567,11 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
                 pbar.write(f"step {step}: val_loss {val_loss:.4f}")
 
         preempted = preempt.any_rank(device)
-        if step % t.save_every == 0 or step == end_step or preempted:
+        if nonfinite_run and (step % t.save_every == 0 or preempted):
+            if rank == 0:  # weights after a skipped (non-finite) step are not checkpointed
+                pbar.write(f"step {step}: not saved: the last {nonfinite_run} step(s) had a non-finite loss or "
+                           f"gradient; the last good checkpoint is {last_ckpt}")
+        elif step % t.save_every == 0 or step == end_step or preempted:
             last_ckpt = save(step)
             if rank == 0:
                 pbar.write(f"saved checkpoint {last_ckpt}")
@@ -484,7 +579,9 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
             if rank == 0:
                 # The marker survives launchers (torchrun) that do not pass exit codes through.
                 (run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "checkpoint": str(last_ckpt)}))
-                pbar.write(f"preempted: checkpoint saved at step {step}; exiting with {REQUEUE_EXIT_CODE} to be requeued")
+                pbar.write((f"preempted: checkpoint saved at step {step}" if nonfinite_run == 0 else
+                            f"preempted: not saved (non-finite steps); the last good checkpoint is {last_ckpt}")
+                           + f"; exiting with {REQUEUE_EXIT_CODE} to be requeued")
             exit_code = REQUEUE_EXIT_CODE
             break
     pbar.close()
