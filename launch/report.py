@@ -24,12 +24,21 @@ def main(argv=None) -> int:
     from pretrain.metrics import plot_loss_svg, read_metrics
 
     run_dir = Path(args.run_dir)
-    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    unreadable = []
+    # Only the training records this report reads (step, loss, tokens, tokens_per_s: numbers).
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl", unreadable)
+               if all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
+                      for k in ("loss", "tokens", "tokens_per_s"))]
+    garbage = (f"{len(unreadable)} line(s) of {run_dir}/metrics.jsonl are not JSON records, the first: "
+               f"{unreadable[0][:60]!r}") if unreadable else ""
     if not records:
-        raise FileNotFoundError(f"{run_dir}/metrics.jsonl has no logged steps; is {run_dir} a run directory?")
+        raise FileNotFoundError(f"{run_dir}/metrics.jsonl has no logged steps" + (f" ({garbage})" if garbage else "")
+                                + f"; is {run_dir} a run directory?")
+    if garbage:
+        print(f"report: skipped them: {garbage}", file=sys.stderr)
     first, last = records[0], records[-1]
     speeds = [r["tokens_per_s"] for r in records[1:]] or [first["tokens_per_s"]]
-    drop = 1.0 - last["loss"] / first["loss"]
+    drop = 1.0 - last["loss"] / first["loss"] if first["loss"] else 0.0
     plot = plot_loss_svg(records, run_dir / "loss.svg")
     print("=" * 72)
     print(f"run            {run_dir}")

@@ -64,9 +64,15 @@ class MetricsLogger:
         return id_file.read_text().strip()
 
     def _truncate_after(self, step: int) -> None:
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        """Keep the records up to `step`; lines that are not records (a line torn by a crash mid-write,
+        stray text) are dropped, with a note, rather than blocking the resume."""
+        lines = self.path.read_text(errors="replace").splitlines()
+        records = [r for r in map(_parse_record, lines) if r is not None]
+        dropped = sum(1 for line in lines if line.strip()) - len(records)
+        if dropped:
+            print(f"{self.path}: dropped {dropped} line(s) that are not JSON records (a crash mid-write leaves "
+                  f"a torn last line)", flush=True)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -81,16 +87,40 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def read_metrics(path: str | Path) -> list[dict]:
+def _parse_record(line: str) -> dict | None:
+    """A metrics.jsonl line as a record ({"step": int, ...}), or None if it is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or isinstance(record.get("step"), bool) or not isinstance(record.get("step"), int):
+        return None
+    return record
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_metrics(path: str | Path, unreadable: list | None = None) -> list[dict]:
+    """The records of a metrics.jsonl; lines that are not records are skipped (and appended to
+    `unreadable` when given)."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        record = _parse_record(line) if line.strip() else {}
+        if record is None and unreadable is not None:
+            unreadable.append(line)
+        elif record:
+            records.append(record)
+    return records
 
 
 def plot_loss_svg(records: list[dict], out: str | Path, title: str = "training loss") -> Path | None:
     """Write the loss curve as a standalone SVG (no plotting library needed)."""
-    points = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    points = [(r["step"], r["loss"]) for r in records if _is_number(r.get("loss")) and math.isfinite(r["loss"])]
     if len(points) < 2:
         return None
     W, H, pad = 640, 360, 48
