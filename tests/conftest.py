@@ -3,3 +3,23 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cli_data(tmp_path_factory):
+    """A tiny prepared corpus (vocab 512) for the tests that run launch commands (trainer_cli.py)."""
+    from trainer_cli import prepare
+
+    return prepare(tmp_path_factory.mktemp("data") / "corpus")
+
+
+@pytest.fixture(scope="session")
+def cli_trained(cli_data, tmp_path_factory):
+    """A run of 2 steps of trainer_cli.TINY with a checkpoint at each; tests work on copies of it."""
+    from trainer_cli import train
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    train(run_dir, "train.max_steps=2", "train.save_every=1", data=cli_data)
+    return run_dir
