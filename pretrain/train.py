@@ -198,6 +198,24 @@ def check_resume_compatible(cfg: Config, state: dict, tokenizer_checksum: str, d
                               f"(checkpoint {state['config']['parallel']['zero_stage']}, this run {cfg.parallel.zero_stage})")
 
 
+def zero_nonfinite_update(engine, world: int) -> bool:
+    """For the optimizer DeepSpeed does not check for non-finite gradients (ZeRO-0 in fp32: the
+    bare AdamW), before the step at the accumulation boundary: if any gradient on any rank is
+    non-finite, zero them all and run this step at lr 0, so the weights stay as they were (AdamW's
+    moments still age by one step). Returns whether it did. One host sync."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    ok = torch.stack([torch.isfinite(g).all() for g in grads]).all().float() if grads else torch.ones(())
+    if world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if ok.item() == 1.0:
+        return False
+    for g in grads:
+        g.zero_()
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0  # the scheduler's step inside engine.step() sets the next step's lr
+    return True
+
+
 def lock_run_dir(lock: RunDirLock, rank: int, world: int) -> None:
     """Rank 0 takes the run dir's lock (pretrain/run_dir.py: one lock for the job on the shared
     filesystem); every rank raises the same one-line error when another trainer holds it."""
@@ -470,7 +488,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
     pbar = tqdm(total=end_step, initial=step, unit="step", dynamic_ncols=True, smoothing=0.1,
                 disable=not (rank == 0 and cfg.logging.progress))
     first_loss = last_loss = None
-    window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
+    window_loss, window_steps, window_finite, window_t0 = 0.0, 0, 0, time.perf_counter()
     run_t0, run_tokens = time.perf_counter(), 0
     last_ckpt = resume_from
     exit_code = 0
@@ -487,22 +505,24 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
     engine.train()
     while step < end_step and exit_code == 0:
         step_loss = torch.zeros((), device=device)
-        dropped = 0
-        for _ in range(t.grad_accum):
+        dropped, zeroed = 0, False
+        for micro in range(t.grad_accum):
             batch = sequence_slice({k: v.to(device, non_blocking=True) for k, v in next(loader).items()}, dims)
             loss = engine(batch["input_ids"], labels=batch["labels"], doc_start=batch["doc_start"])
             newton.observe(engine.module)
             finite = torch.isfinite(loss.detach()).float()
             if world > 1:
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() == 1.0:
-                engine.backward(loss)
-                step_loss += loss.detach() / t.grad_accum
-            else:  # a non-finite micro-batch is not backpropagated anywhere; counted and logged
-                dropped += 1
+            step_loss += loss.detach() / t.grad_accum  # nan for the step if any micro-batch is
+            dropped += int(finite.item() != 1.0)
+            # Backpropagated even when non-finite: the gradients are then too, and the whole step
+            # is skipped (DeepSpeed's optimizer wrappers; zero_nonfinite_update for the one without).
+            engine.backward(loss)
+            if micro == t.grad_accum - 1 and not hasattr(engine.optimizer, "overflow"):
+                zeroed = zero_nonfinite_update(engine, world)
             engine.step()
         step += 1
-        nonfinite = dropped > 0 or engine.skipped_steps > ds_skipped
+        nonfinite = dropped > 0 or zeroed or engine.skipped_steps > ds_skipped
         ds_skipped = engine.skipped_steps
         skipped += int(nonfinite)
         nonfinite_run = nonfinite_run + 1 if nonfinite else 0
@@ -514,7 +534,9 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
         loss_value = step_loss.item()
         first_loss = loss_value if first_loss is None else first_loss
         last_loss = loss_value
-        window_loss += loss_value
+        if math.isfinite(loss_value):  # the logged loss is the mean over the window's finite steps
+            window_loss += loss_value
+            window_finite += 1
         window_steps += 1
         pbar.update(1)
         newton.end_step(step)
@@ -530,7 +552,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
                 line = newton.warning(window, step)
                 if line and rank == 0:
                     pbar.write(line)
-            record = {"step": step, "loss": window_loss / window_steps, "lr": scheduler.get_last_lr()[0],
+            record = {"step": step, "loss": window_loss / window_finite if window_finite else math.nan, "lr": scheduler.get_last_lr()[0],
                       "tokens": tokens_seen, "tokens_per_s": tok_s, "skipped": skipped,
                       "grad_norm": float(engine.get_global_grad_norm() or 0.0)}
             if mfu is not None:
@@ -548,7 +570,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
             pbar.set_postfix_str(f"loss {record['loss']:.3f} | {tok_s:,.0f} tok/s"
                                  + (f" | MFU {mfu:.1%}" if mfu is not None else " | MFU n/a (CPU)")
                                  + (f" | skipped {skipped}" if skipped else ""), refresh=False)
-            window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
+            window_loss, window_steps, window_finite, window_t0 = 0.0, 0, 0, time.perf_counter()
 
         if diverged or (nonfinite_run and step == end_step):
             pbar.close()

@@ -6,6 +6,7 @@ during start-up is a preemption; under torchrun the error is printed once. tests
 each case and what the user gets."""
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -214,6 +215,55 @@ def test_a_diverging_run_stops_with_one_line_and_saves_nothing_after_a_nonfinite
                          f"them; the last good checkpoint is {last_good}: resume from it (train.resume=auto) with a "
                          f"lower train.lr")
     assert sorted(p.name for p in build_dir.iterdir()) == ["lock"]
+
+
+@pytest.fixture
+def in_process_training():
+    """train() in this process installs the preemption handler and (init_distributed) sets RANK,
+    MASTER_PORT, ...: put the handlers back and drop the variables, which later subprocesses would
+    inherit. The process group itself stays, as after test_checkpoint.py's engine fixture."""
+    from pretrain import preemption
+
+    saved = {sig: signal.getsignal(sig) for sig in preemption.SIGNALS}
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: os.environ.get(k) for k in keys}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+    preemption._received.clear()
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_nan_loss_skips_the_whole_step_leaves_the_weights_and_is_not_saved(cli_data, tmp_path, monkeypatch,
+                                                                              in_process_training, stage):
+    """Steps 3 and 4 get a NaN loss (before: a traceback in DeepSpeed's step, every stage). ZeRO-1's
+    optimizer wrapper skips them; ZeRO-0 in fp32 has none, and the trainer zeroes the update."""
+    import torch
+
+    from pretrain import model as model_lib
+    from pretrain.train import train as run_training
+
+    forward, seen = model_lib.LanguageModel.forward, []
+
+    def nan_at_steps_3_and_4(self, *args, **kwargs):
+        seen.append(torch.cat([p.detach().flatten() for p in self.parameters()]).clone())
+        loss = forward(self, *args, **kwargs)
+        return loss * float("nan") if len(seen) in (3, 4) else loss
+
+    monkeypatch.setattr(model_lib.LanguageModel, "forward", nan_at_steps_3_and_4)
+    cfg = load_config(None, [*TINY, f"data.path={cli_data}", f"train.run_dir={tmp_path / 'run'}", "train.max_steps=6",
+                             "train.save_every=1", "train.keep_last=0", f"parallel.zero_stage={stage}"])
+    summary = run_training(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [0, 0, 1, 2, 2, 2] and summary["skipped_steps"] == 2
+    assert [math.isnan(r["loss"]) for r in records] == [False, False, True, True, False, False]
+    assert torch.equal(seen[2], seen[4]) and not torch.equal(seen[1], seen[2])  # steps 3, 4 left the weights
+    assert steps(tmp_path / "run") == [1, 2, 5, 6]
 
 
 # ----------------------------------------------------------------------------- resume (item 9)
