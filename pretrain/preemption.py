@@ -3,7 +3,8 @@ end of the current step and exit 75 to be requeued.
 
 Light on purpose (no torch): launch.train installs the handler before its heavy imports, so a
 signal during start-up is a preemption too (exit 75 once start-up is done, nothing written), not a
-bare exit 143 that nothing requeues. A second signal ends the process at once, as without a handler.
+bare exit 143 that nothing requeues. (A trainer stuck in start-up is still ended by the launcher's
+SIGKILL: torchrun sends it 30 s after SIGTERM.)
 """
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ _received: list[int] = []
 
 
 def _handle(signum, frame) -> None:
-    if _received:  # a second signal: the sender insists (or we are stuck); die as without a handler
-        signal.signal(signum, signal.SIG_DFL)
-        signal.raise_signal(signum)
+    # Every signal only sets the flag: under Slurm + torchrun one preemption reaches a trainer twice
+    # (`scancel --signal=TERM JOB.0` signals the whole step, and torchrun forwards its own copy).
     _received.append(signum)
 
 
