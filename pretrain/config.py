@@ -345,8 +345,8 @@ def _check_ranges(cfg: Config) -> None:
             (f"model.{name}.expand", rnn.expand, rnn.expand > 0, positive),
             (f"model.{name}.num_heads", rnn.num_heads, rnn.num_heads > 0, positive),
             (f"model.{name}.num_iters", rnn.num_iters, rnn.num_iters > 0, positive),
-            (f"model.{name}.max_iters", rnn.max_iters, rnn.max_iters >= rnn.num_iters,
-             f">= model.{name}.num_iters={rnn.num_iters}"),
+            (f"model.{name}.max_iters", rnn.max_iters, rnn.tol is None or rnn.max_iters >= rnn.num_iters,
+             f">= model.{name}.num_iters={rnn.num_iters} (with a tol it caps the iterations)"),
             (f"model.{name}.tol", rnn.tol, rnn.tol is None or rnn.tol > 0, "> 0 or null (never iterate further)"),
         ]
     for key, value, ok, valid in rules:
