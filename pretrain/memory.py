@@ -108,8 +108,12 @@ def layer_activation_bytes(cfg, mixer: str, seq_len: int, tp: int = 1, act_bytes
             # matrices (decay, masks, A, (I+A)^-1, QK^T...), 13 C x d (k, v, U, Wk, rhs, q...) and
             # 3 dk x dv (M, the chunk start states)
             saved += 4 * chunk_heads_per_token * (7 * C * C + 13 * C * (dk + dv) / 2 + 3 * dk * dv)
-        # backward: recomputed Wk, W, chunk start states, dS, dW, and fp32 dq, dk, dv
-        transient = 4 * H * (nh * (dk + 2 * dv) + 2 * (nh / C) * dk * dv + dk + nh * (dk + dv))
+            # backward: recomputed Wk, W, chunk start states, dS, dW, and fp32 dq, dk, dv
+            transient = 4 * H * (nh * (dk + 2 * dv) + 2 * (nh / C) * dk * dv + dk + nh * (dk + dv))
+        else:
+            s, t = deltaproduct_triton_bytes(H, dk, dv, nh, min(C, 32) if a == 4 else C, a)
+            saved += s
+            transient = t
     elif mixer == "attention":
         hd = d / tp
         saved += a * (3 * hd + hd + hd) + 4 * cfg.attention.num_heads / tp  # q,k,v, out, out_proj in, lse
@@ -119,6 +123,26 @@ def layer_activation_bytes(cfg, mixer: str, seq_len: int, tp: int = 1, act_bytes
     else:
         raise ValueError(f"unknown mixer {mixer!r}")
     return saved, transient
+
+
+def deltaproduct_triton_bytes(H: float, dk: int, dv: int, nh: int, C: int, a: int) -> tuple[float, float]:
+    """(saved, backward workspace) bytes per token of kernels/deltaproduct_triton.py's autograd
+    Function beyond its inputs, for H heads, chunk C and a-byte inputs (a == 4: fp32 storage).
+
+    Saved per sub-step (nh per token) and head: the blocked inverse Tm (C), Wk (dk), W (dv) in the
+    storage dtype, the chunk-local gate cumsum (fp32); per chunk and head the start state (dk x dv);
+    per sub-step the int32 segment ids. The backward allocates dW_local, dW, dWk (storage dtype),
+    dK (fp32; twice for fp32 inputs, whose state part runs in its own kernel), the gate partials
+    (fp32, one per key block of 64, twice for fp32), dgamma (fp32), the chunk-end state gradients
+    and fp32-size dq/dk/dv/dbeta outputs in the inputs' dtype.
+    """
+    sub = nh  # sub-steps per token
+    saved = sub * (H * (a * (C + dk + dv) + 4 + a * dk * dv / C) + 4)
+    split = 2 if a == 4 else 1
+    nk = -(-dk // 64)
+    work = sub * H * (a * (2 * dv + dk) + 4 * dk * split + 4 * split * nk + 4 + a * dk * dv / C)
+    work += a * H * dk + a * sub * H * (dk + dv + 1)  # dq, and dk/dv/dbeta over the sub-steps
+    return saved, work
 
 
 @dataclass

@@ -103,3 +103,46 @@ def test_invalid_degrees_are_one_line_errors(args, needle, capsys):
     code = run_cli(lambda: plan_main(["--config", str(CONFIGS[0])] + args), "plan")
     err = capsys.readouterr().err
     assert code == 2 and needle in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_deltaproduct_triton_saved_bytes_equal_what_its_autograd_keeps(dtype):
+    """The plan counts what kernels/deltaproduct_triton.py saves for backward beyond its inputs
+    (blocked inverse, Wk, W, chunk states, gate cumsums, segment ids), exactly, per token."""
+    pytest.importorskip("triton")
+    from kernels.deltaproduct import deltaproduct
+    from pretrain.memory import deltaproduct_triton_bytes
+
+    B, T, nh, H, dk, dv, C = 1, 32, 2, 2, 32, 16, 16  # T * nh a multiple of C: no padding
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, T, H, dk, generator=g).to(dtype)
+    k = torch.nn.functional.normalize(torch.randn(B, T, nh, H, dk, generator=g), dim=-1).to(dtype)
+    v = torch.randn(B, T, nh, H, dv, generator=g).to(dtype)
+    beta = torch.rand(B, T, nh, H, generator=g)
+    gate = -torch.rand(B, T, H, generator=g)
+    for t in (q, k, v, beta, gate):
+        t.requires_grad_(True)
+    inputs = {t.untyped_storage().data_ptr() for t in (q, k, v, beta, gate)}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in inputs:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        deltaproduct(q, k, v, beta, gate, chunk_size=C, backend="triton")
+    a = 4 if dtype == torch.float32 else 2
+    saved, _ = deltaproduct_triton_bytes(H, dk, dv, nh, C, a)
+    assert sum(seen.values()) == pytest.approx(saved * B * T, rel=1e-9)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_scale_config_fits_80gb_gpus_as_written(path, capsys):
+    """The 1B configs at 32 GPUs and the 7B configs at 64 (what their token comments assume) fit
+    per launch.plan on 80 GB GPUs, with the activations the GPU kernels actually save."""
+    if path.stem == "smoke":
+        pytest.skip("smoke is the CPU config")
+    nodes = 8 if path.stem.endswith("7b") else 4
+    assert plan_main(["--config", str(path), "--nodes", str(nodes), "--gpus-per-node", "8"]) == 0
+    assert "fits: yes" in capsys.readouterr().out
