@@ -204,7 +204,8 @@ def zero_nonfinite_update(engine, world: int) -> bool:
     non-finite, zero them all and run this step at lr 0, so the weights stay as they were (AdamW's
     moments still age by one step). Returns whether it did. One host sync."""
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    ok = torch.stack([torch.isfinite(g).all() for g in grads]).all().float() if grads else torch.ones(())
+    device = next(engine.module.parameters()).device
+    ok = torch.stack([torch.isfinite(g).all() for g in grads]).all().float() if grads else torch.ones((), device=device)
     if world > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if ok.item() == 1.0:
