@@ -13,11 +13,12 @@ from pretrain import preemption
 preemption.install()  # first: SIGTERM during the imports and start-up is a preemption (exit 75)
 
 from launch.errors import run_cli  # noqa: E402
-from pretrain.config import load_config  # noqa: E402
+from pretrain.config import config_help, load_config  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.splitlines()[0],
+                                     epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (default: the built-in defaults)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")

@@ -6,6 +6,7 @@ line naming the key and what would be valid; launch/ prints it and exits non-zer
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -36,37 +37,37 @@ class ParaRNNConfig:
 
 @dataclass
 class DeltaProductConfig:
-    num_heads: int = 4
-    head_dim: int = 64
-    expand_v: float = 1.0
+    num_heads: int = 4            # heads per layer (split over tensor-parallel ranks)
+    head_dim: int = 64            # dk: key/query size per head (the Triton kernels take 16-256)
+    expand_v: float = 1.0         # dv = expand_v * head_dim
     num_householder: int = 2      # n_h Householder factors per token
     allow_neg_eigval: bool = True  # beta = 2*sigmoid (state tracking) instead of sigmoid
-    use_forget_gate: bool = True
-    use_short_conv: bool = True
-    conv_size: int = 4
-    chunk_size: int = 64
+    use_forget_gate: bool = True  # the gate g = -exp(A_log) * softplus(a(x) + dt_bias) decays the state
+    use_short_conv: bool = True   # causal depthwise conv (SiLU) on q, k, v
+    conv_size: int = 4            # the short conv's kernel size
+    chunk_size: int = 64          # sub-steps per chunk of the chunkwise form (Triton: 16, 32 or 64)
 
 
 @dataclass
 class AttentionConfig:
-    num_heads: int = 4
-    rope_theta: float = 10000.0
+    num_heads: int = 4            # heads per layer (split over tensor-parallel ranks)
+    rope_theta: float = 10000.0   # rotary embedding base
     doc_mask: bool = True         # tokens attend only within their own document
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 1024
-    d_model: int = 256
+    vocab_size: int = 1024        # must be >= the tokenizer's vocabulary
+    d_model: int = 256            # residual stream width
     n_layers: int = 4
     # One mixer name per layer, or a single name for every layer.
     mixers: list[Literal["paragru", "paralstm", "deltaproduct", "attention"]] = field(
         default_factory=lambda: ["paragru", "deltaproduct", "attention", "paragru"])
     mlp_ratio: float = 8 / 3      # SwiGLU hidden = mlp_ratio * d_model, rounded up to mlp_multiple
     mlp_multiple: int = 64
-    tie_embeddings: bool = True
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
+    tie_embeddings: bool = True   # the output head shares the embedding matrix
+    norm_eps: float = 1e-5        # RMSNorm epsilon
+    init_std: float = 0.02        # std of the normal initialisation of weights
     reset_at_doc_start: bool = True  # recurrent state and conv windows restart at each document
     paragru: ParaRNNConfig = field(default_factory=ParaRNNConfig)
     paralstm: ParaRNNConfig = field(default_factory=ParaRNNConfig)
@@ -93,42 +94,42 @@ class DataConfig:
     path: str = "runs/data/smoke"   # a directory written by `python -m launch.prepare_data`
     # Several directories mixed by weight, "path:weight" or {path, weight}; replaces path when set.
     mix: list[str | MixEntry] = field(default_factory=list)
-    seq_len: int = 256
-    seed: int = 1234
+    seq_len: int = 256              # tokens per training sequence
+    seed: int = 1234                # data order (shuffle) seed
     num_workers: int = 0            # batch-assembling processes per rank; 0 = in the trainer
-    pin_memory: bool = False
+    pin_memory: bool = False        # page-locked batches for faster host-to-GPU copies
     prefetch_factor: int = 2        # batches each worker keeps ready
     on_bad_shard: Literal["error", "skip"] = "error"  # skip: serve other windows, count it
 
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    sp: int = 1
-    zero_stage: int = 1
+    tp: int = 1                   # tensor-parallel degree (inside a node)
+    sp: int = 1                   # sequence-parallel degree (scans cross ranks by summaries)
+    zero_stage: int = 1           # DeepSpeed ZeRO stage 0-3 over the data-parallel ranks (3 needs tp=1)
 
 
 @dataclass
 class TrainConfig:
-    run_dir: str = "runs/smoke"
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int = 200
+    run_dir: str = "runs/smoke"   # checkpoints, metrics.jsonl, loss.svg, config.yaml (one run per dir)
+    micro_batch_size: int = 8     # sequences per rank per forward
+    grad_accum: int = 1           # micro-batches per optimizer step
+    max_steps: int = 200          # optimizer steps of the schedule
     stop_at: int = 0              # stop (after saving) at this step though the schedule runs to max_steps
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
+    lr: float = 3e-3              # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1     # the schedule ends at lr * min_lr_ratio
+    warmup_steps: int = 20        # linear warmup steps
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     decay_fraction: float = 0.2   # wsd: the final fraction of steps that decays
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1     # AdamW decoupled weight decay
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
-    seed: int = 1234
+    grad_clip: float = 1.0        # global gradient-norm clip (0: off)
+    seed: int = 1234              # model initialisation and RNG seed
     dtype: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    save_every: int = 100
-    keep_last: int = 3
+    save_every: int = 100         # steps between checkpoints
+    keep_last: int = 3            # newest checkpoints kept
     keep_every: int = 0           # also keep every checkpoint whose step is a multiple of this (0: none)
     resume: str = "auto"          # auto (newest complete checkpoint if any) | none | a checkpoint dir
     overwrite: bool = False       # move checkpoints of another run, or of later steps, aside (pretrain/run_dir.py)
@@ -146,15 +147,15 @@ class TrainConfig:
 
 @dataclass
 class WandbConfig:
-    mode: Literal["offline", "online", "disabled"] = "offline"
+    mode: Literal["offline", "online", "disabled"] = "offline"  # offline unless asked
     project: str = "recurrent-pretrain"
-    name: Optional[str] = None
+    name: Optional[str] = None    # run name (null: wandb picks one)
 
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 10
-    progress: bool = True
+    log_every: int = 10           # steps between metrics.jsonl lines (and progress refreshes)
+    progress: bool = True         # the console progress bar
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -415,3 +416,64 @@ def model_config_from_dict(values: dict) -> ModelConfig:
 
 def config_from_dict(values: dict) -> Config:
     return validate(_build(Config, values, ""))
+
+
+# ----------------------------------------------------------------------------- help
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """field name -> its comment in the class source (trailing, or the full-line comments just
+    above it): the help text lives beside the default it explains, in one place."""
+    import inspect
+    import io
+    import tokenize
+
+    comments, pending, current, line_of_field = {}, [], {}, {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            row = tok.start[0]
+            owner = line_of_field.get(row)
+            if owner is not None:  # trailing comment
+                current[owner].append(text)
+            else:
+                pending.append(text)
+        elif tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names:
+            line_of_field[tok.start[0]] = tok.string
+            current[tok.string] = pending
+            pending = []
+        elif tok.type == tokenize.NL and not pending:
+            continue
+    for name, parts in current.items():
+        comments[name] = " ".join(p for p in parts if p)
+    return comments
+
+
+def config_help() -> str:
+    """Every config key with its type, default and help, one per line, grouped by section."""
+    lines = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        comments = _field_comments(cls)
+        default_obj = cls()
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            value = getattr(default_obj, f.name)
+            if dataclasses.is_dataclass(value):
+                lines.append(f"\n{prefix}{f.name}:")
+                walk(type(value), f"{prefix}{f.name}.")
+                continue
+            default = "null" if value is None else json.dumps(value) if isinstance(value, (list, str, bool)) else value
+            text = f"  {prefix}{f.name} ({_type_name(tp)}, default {default})"
+            if comments.get(f.name):
+                text += f": {comments[f.name]}"
+            lines.append(text)
+
+    walk(Config, "")
+    return "config keys (set in the YAML file or as section.key=value):" + "\n".join(lines)
