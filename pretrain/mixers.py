@@ -168,6 +168,9 @@ class ParaRNNMixer(nn.Module):
     """
 
     cell = ""
+    # Parameters that are not weight matrices: the diagonal recurrent weights (and ParaLSTM's
+    # peepholes) act per channel like gains; weight decay would pull the recurrence toward zero.
+    no_weight_decay = ("recurrent", "peephole")
 
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
@@ -262,6 +265,9 @@ class DeltaProductMixer(nn.Module):
     Training and prefill run the chunkwise form over the sequence; decoding steps one token:
     the gate's decay, n_h Householder updates of S and the readout (kernels.deltaproduct_step).
     """
+
+    # The forget gate's per-head decay rate and time-step bias (as Mamba / fla exclude them).
+    no_weight_decay = ("A_log", "dt_bias")
 
     def __init__(self, cfg, layer_idx: int):
         super().__init__()

@@ -84,15 +84,26 @@ def init_distributed(device: torch.device) -> None:
                                    verbose=False)
 
 
+def decays(module: torch.nn.Module, name: str) -> bool:
+    """Weight decay by role (Megatron/fla convention): every weight matrix decays (projections,
+    embeddings, the head, short-conv filters); biases, norm gains and the parameters a module
+    lists in its `no_weight_decay` (ParaRNN's diagonal recurrent weights and peepholes,
+    DeltaProduct's A_log and dt_bias) do not."""
+    if name == "bias" or type(module).__name__.endswith("Norm"):
+        return False
+    return name not in getattr(module, "no_weight_decay", ())
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on norms, biases, or the diagonal recurrent vectors."""
+    """Two AdamW groups: decayed by role (see `decays`) and not."""
     decay, no_decay = [], []
     seen = set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 and p.shape[0] > 3 else no_decay).append(p)
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (decay if decays(module, name) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -147,3 +147,29 @@ def test_triton_kernels_inside_the_model_match_the_torch_kernels():
     assert torch.allclose(l_tri, l_ref, rtol=1e-5, atol=0)
     for name, g in g_ref.items():  # fp32, different summation orders: 1e-4 of the gradient's scale
         assert torch.allclose(g_tri[name], g, rtol=0, atol=1e-4 * g.abs().max().item() + 1e-8), name
+
+
+def test_weight_decay_is_chosen_by_parameter_role_not_shape():
+    """Matrices (projections, embeddings, head, conv filters) decay; biases, norm gains, ParaRNN's
+    diagonal recurrent weights and peepholes, DeltaProduct's A_log and dt_bias do not, at any
+    size: with 2 heads the old `shape[0] > 3` rule left a_proj (2 x d) undecayed."""
+    from pretrain.train import param_groups
+
+    cfg = load_config(None, ["model.vocab_size=64", "model.d_model=32", "model.n_layers=4",
+                             "model.mixers=[paragru,paralstm,deltaproduct,attention]",
+                             "model.tie_embeddings=false", "model.paragru.num_heads=2",
+                             "model.paralstm.num_heads=2", "model.deltaproduct.num_heads=2",
+                             "model.deltaproduct.head_dim=16", "model.attention.num_heads=2"]).model
+    model = LanguageModel(cfg)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    norms = {f"blocks.{i}.norm{j}.weight" for i in range(4) for j in (1, 2)} | {"norm.weight"}
+    assert {names[id(p)] for p in no_decay["params"]} == norms | {
+        "blocks.0.mixer.in_proj.bias", "blocks.0.mixer.recurrent",
+        "blocks.1.mixer.in_proj.bias", "blocks.1.mixer.recurrent", "blocks.1.mixer.peephole",
+        "blocks.2.mixer.A_log", "blocks.2.mixer.dt_bias", "blocks.2.mixer.o_norm.weight"}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert {"blocks.2.mixer.a_proj.weight", "blocks.2.mixer.b_proj.weight", "blocks.2.mixer.q_conv.weight",
+            "embed.weight", "head.weight", "blocks.0.mixer.in_proj.weight"} <= decayed
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(decayed) + len(no_decay["params"]) == len(list(model.parameters()))
