@@ -306,6 +306,8 @@ class DeltaProductMixer(nn.Module):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.c.use_short_conv:
             q, k, v = self.q_conv(q, doc_start), self.k_conv(k, doc_start), self.v_conv(v, doc_start)
+        else:  # fla's layer: SiLU on the projections when there is no conv to apply it
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
         o, _ = self.recurrence(*self._recurrence_inputs(x, q, k, v), reset=doc_start,
                                chunk_size=self.c.chunk_size, backend=self.kernel_backend)
         return self._output(x, o)
@@ -317,6 +319,8 @@ class DeltaProductMixer(nn.Module):
             windows = (self.q_conv.window(q, doc_start), self.k_conv.window(k, doc_start),
                        self.v_conv.window(v, doc_start))
             q, k, v = self.q_conv(q, doc_start), self.k_conv(k, doc_start), self.v_conv(v, doc_start)
+        else:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
         o, S = self.recurrence(*self._recurrence_inputs(x, q, k, v), reset=doc_start,
                                chunk_size=self.c.chunk_size, backend=self.kernel_backend)
         return self._output(x, o), DeltaProductState(S, windows)
@@ -328,6 +332,8 @@ class DeltaProductMixer(nn.Module):
             (q, wq), (k, wk), (v, wv) = (conv.step(t, w, doc_start) for conv, t, w in
                                          zip((self.q_conv, self.k_conv, self.v_conv), (q, k, v), state.conv))
             windows = (wq, wk, wv)
+        else:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
         x, q, k, v = x.unsqueeze(1), q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)  # as T = 1
         q, k, v, beta, g = self._recurrence_inputs(x, q, k, v)
         o, S = deltaproduct_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], None if g is None else g[:, 0],

@@ -173,3 +173,26 @@ def test_weight_decay_is_chosen_by_parameter_role_not_shape():
             "embed.weight", "head.weight", "blocks.0.mixer.in_proj.weight"} <= decayed
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert len(decayed) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_deltaproduct_without_short_conv_applies_silu_to_q_k_v_as_fla():
+    """fla's GatedDeltaProduct with use_short_conv=False feeds silu(q/k/v_proj(x)) to the
+    recurrence; so must ours (with the conv, the conv's own SiLU does it)."""
+    cfg = load_config(None, ["model.mixers=[deltaproduct]", "model.n_layers=1", "model.d_model=32",
+                             "model.deltaproduct.num_heads=2", "model.deltaproduct.head_dim=16",
+                             "model.deltaproduct.use_short_conv=false"]).model
+    torch.manual_seed(0)
+    mixer = MIXER_CLASSES["deltaproduct"](cfg, 0)
+    seen = {}
+    original = mixer._recurrence_inputs
+
+    def capture(x, q, k, v):
+        seen.update(q=q, k=k, v=v)
+        return original(x, q, k, v)
+
+    mixer._recurrence_inputs = capture
+    x = torch.randn(2, 5, 32)
+    mixer(x)
+    for name in ("q", "k", "v"):
+        expected = torch.nn.functional.silu(getattr(mixer, f"{name}_proj")(x))
+        torch.testing.assert_close(seen[name], expected, rtol=0, atol=0)
