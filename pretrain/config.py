@@ -33,6 +33,10 @@ class ParaRNNConfig:
     num_iters: int = 3            # Newton iterations (the paper converges in 3-4)
     tol: Optional[float] = 1e-3   # residual above which more iterations run, then a warning
     max_iters: int = 6            # cap on iterations when the residual is above tol
+    # Newton trust region: every step is clamped elementwise to [-damping, damping]. 2.0 is the
+    # width of the box the states live in (|h|, |c| <= 1), so it never cuts a step that stays
+    # inside it, and it stops the huge steps that make strongly nonlinear cells diverge; null: off.
+    damping: Optional[float] = 2.0
 
 
 @dataclass
@@ -349,6 +353,8 @@ def _check_ranges(cfg: Config) -> None:
             (f"model.{name}.max_iters", rnn.max_iters, rnn.tol is None or rnn.max_iters >= rnn.num_iters,
              f">= model.{name}.num_iters={rnn.num_iters} (with a tol it caps the iterations)"),
             (f"model.{name}.tol", rnn.tol, rnn.tol is None or rnn.tol > 0, "> 0 or null (never iterate further)"),
+            (f"model.{name}.damping", rnn.damping, rnn.damping is None or rnn.damping > 0,
+             "> 0 (the largest Newton step per element) or null (no clamp)"),
         ]
     for key, value, ok, valid in rules:
         if not ok:  # `not ok` also catches nan, whose every comparison is False

@@ -357,7 +357,7 @@ class NewtonTelemetry:
                 + ", ".join(f"{k} ({'' if steps == 1 else 'max '}{window['peak'][k]:.2e} > {self.tol[k]:.0e}"
                             + ("" if steps == 1 else f" at {window['above'][k]:.0f} of {steps} steps") + ")"
                             for k in bad)
-                + "; raise num_iters / max_iters or lower the lr")
+                + "; raise num_iters / max_iters, set a damping, or lower the lr")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -581,7 +581,8 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
             metrics.log(record)
             pbar.set_postfix_str(f"loss {record['loss']:.3f} | {tok_s:,.0f} tok/s"
                                  + (f" | MFU {mfu:.1%}" if mfu is not None else " | MFU n/a (CPU)")
-                                 + (f" | skipped {skipped}" if skipped else ""), refresh=False)
+                                 + (f" | skipped {skipped}" if skipped else "")
+                                 + (f" | newton unconverged {unconverged}" if unconverged else ""), refresh=False)
             window_loss, window_steps, window_finite, window_t0 = 0.0, 0, 0, time.perf_counter()
 
         if diverged or (nonfinite_run and step == end_step):
