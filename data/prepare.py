@@ -188,7 +188,17 @@ def write_token_corpus(out_dir: Path, documents: Iterable, *, vocab_size: int, e
         "settings": settings,
     }
     write_manifest(out_dir, manifest)
+    if val_fraction > 0 and splits["val"]["documents"] == 0:
+        log(f"warning: no validation split: {manifest['documents']:,} documents at val_fraction "
+            f"{val_fraction} give none (the first is document {first_validation_document(val_fraction):,}); "
+            f"train.eval_every needs one: use --val-fraction >= {1 / (2 * manifest['documents']):.3g} "
+            f"or more text")
     return manifest
+
+
+def first_validation_document(val_fraction: float) -> int:
+    """The 1-based index of the first document is_validation sends to "val"."""
+    return next(i + 1 for i in range(1 << 62) if is_validation(i, val_fraction))
 
 
 def prepare_corpus(inputs, out_dir, vocab_size: int = 1024,

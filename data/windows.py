@@ -64,8 +64,12 @@ class ShardWindows:
         if self.windows_per_epoch == 0:
             where = f"split {split!r} of {self.data_dir}"
             if not self._shards:
-                raise ValueError(f"{where} is empty (prepared with --val-fraction 0?); prepare it with "
-                                 f"documents in that split or do not read it")
+                frac = self.manifest.get("settings", {}).get("val_fraction")
+                why = ("it was prepared with --val-fraction 0" if not frac else
+                       f"its {self.manifest.get('documents', 0):,} documents at --val-fraction {frac} "
+                       f"put none in it")
+                raise ValueError(f"{where} is empty: {why}; prepare the data with a larger --val-fraction "
+                                 f"or more text, or do not read it (train.eval_every=0)")
             if deal == "shards" and len(self._shards) < dp_size:
                 raise ValueError(f"{where} has {len(self._shards)} shards, fewer than dp_size {dp_size}; "
                                  f"prepare it with smaller --shard-tokens or use fewer dp ranks")

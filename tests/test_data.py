@@ -419,3 +419,20 @@ def test_loader_exposes_tokenizer_facts(prepared):
     val = TokenLoader(prepared, 16, 2, split="val")
     batch = next(val)
     assert batch["input_ids"].shape == (2, 16)
+
+
+def test_a_small_corpus_without_validation_documents_says_so_at_prepare_and_at_eval(tmp_path, capsys):
+    """Reported: 10 documents at the default val_fraction 0.01 silently gave no val shard, and
+    reading it then blamed --val-fraction 0. Now prepare warns with the numbers and the fix, and
+    the loader's error says what really happened."""
+    from data.windows import ShardWindows
+
+    docs = [np.arange(1, 40, dtype=np.int64) for _ in range(10)]
+    write_token_corpus(tmp_path, docs, vocab_size=1000, eos_id=EOS, shard_tokens=1000,
+                       val_fraction=0.01, tokenizer_sha256="0" * 64,
+                       settings={"val_fraction": 0.01})
+    out = capsys.readouterr().out
+    assert "warning: no validation split: 10 documents at val_fraction 0.01 give none" in out
+    assert "--val-fraction >= 0.05" in out
+    with pytest.raises(ValueError, match=r"its 10 documents at --val-fraction 0.01 put none in it"):
+        ShardWindows(tmp_path, seq_len=8, batch_size=1, split="val")
