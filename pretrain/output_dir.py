@@ -44,6 +44,10 @@ def write_replacing(out: Path, is_ours: Callable[[Path], bool], what: str):
     out = check_replaceable(out, is_ours, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    # mkdtemp makes it 0700; the result is shared with the group like any directory we mkdir
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
     try:
         yield tmp
         check_replaceable(out, is_ours, what)  # nothing of the user's appeared meanwhile

@@ -367,3 +367,18 @@ def test_a_process_group_sigterm_with_loader_workers_saves_and_exits_75(data_dir
     assert "preempted: checkpoint saved" in out
     saved = ckpt_lib.find_latest(run_dir)
     assert ckpt_lib.read_trainer_state(saved)["step"] == logged_steps(run_dir)[-1] >= 3
+
+
+def test_an_output_directory_is_readable_by_the_group_like_any_directory_we_make(tmp_path):
+    """Exports and converted checkpoints are staged in a mkdtemp directory (mode 0700); the
+    renamed result must carry the umask's usual mode instead (0755 under umask 022)."""
+    from pretrain.output_dir import write_replacing
+
+    old = os.umask(0o022)
+    try:
+        with write_replacing(tmp_path / "export", lambda p: False, "an export") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "export").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "export" / "model.safetensors").stat().st_mode & 0o777 == 0o644
