@@ -89,9 +89,9 @@ def scored_bytes(stream: np.ndarray, tokenizer: Tokenizer) -> int:
     for end in list(np.flatnonzero(stream == eos)) + [len(stream)]:
         if end > start:
             total += len(tokenizer.decode(stream[start:end].tolist()).encode("utf-8"))
-        total += end < len(stream)  # the EOS
-        start = end + 1
-    return total
+        total += int(end < len(stream))  # the EOS
+        start = int(end) + 1
+    return int(total)
 
 
 @torch.no_grad()
@@ -138,7 +138,7 @@ def evaluate(model_path, *, data: str | None = None, split: str = "val", text=No
     loss = nll / tokens
     return {"model": str(model_path), "source": data if data is not None else [str(t) for t in text],
             "split": split if data is not None else None, "step": meta.get("step"),
-            "tokens": tokens, "bytes": n_bytes, "loss": loss, "perplexity": math.exp(min(loss, 700)),
+            "tokens": int(tokens), "bytes": int(n_bytes), "loss": loss, "perplexity": math.exp(min(loss, 700)),
             "bits_per_token": loss / math.log(2), "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
             "seq_len": seq_len}
 

@@ -54,6 +54,7 @@ def test_eval_on_text_files_counts_the_files_bytes_and_a_checkpoint_equals_its_e
         files[-1].write_text(d)
     from_export = evaluate(exported, text=[str(f) for f in files], seq_len=8, device="cpu")
     assert from_export["bytes"] == sum(len(d.encode()) for d in docs) + len(docs)
+    assert json.loads(json.dumps(from_export)) == from_export  # plain numbers (--json), no numpy scalars
     from_ckpt = evaluate(cli_trained, text=[str(f) for f in files], seq_len=8, device="cpu")
     assert from_ckpt["loss"] == pytest.approx(from_export["loss"], rel=1e-6)
     assert from_ckpt["tokens"] == from_export["tokens"]
