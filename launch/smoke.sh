@@ -2,7 +2,8 @@
 # The README's first command: set up .venv, then a real (small) pretraining run end to end:
 #   tokenizer + webdataset shards from the Python standard library's source (no download),
 #   train a hybrid paragru + deltaproduct + attention model, stop at a checkpoint, resume,
-#   export safetensors, reload the export and sample from it, print a summary.
+#   export safetensors, reload the export, sample from it with the recurrent cache, print the
+#   held-out perplexity and bits per byte, and a summary.
 # Extra arguments are config overrides for both training runs, e.g. `bash launch/smoke.sh train.max_steps=100`.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
@@ -27,6 +28,7 @@ python -m launch.train --config "$CONFIG" train.run_dir="$RUN_DIR" data.path="$D
 echo "== 4/5 export to safetensors"
 python -m launch.export --checkpoint "$RUN_DIR" --out "$RUN_DIR/export"
 
-echo "== 5/5 reload the export and sample"
+echo "== 5/5 reload the export, sample (recurrent decoding) and evaluate on the held-out split"
 python -m launch.generate --export "$RUN_DIR/export" --prompt "def " --max-new-tokens 48
+python -m launch.eval --model "$RUN_DIR/export" --data "$DATA_DIR" --split val --seq-len 256 --json "$RUN_DIR/eval.json"
 python -m launch.report --run-dir "$RUN_DIR" --export "$RUN_DIR/export" --min-drop 0.4
