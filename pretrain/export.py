@@ -21,12 +21,14 @@ from safetensors.torch import load_file, save_file
 
 from pretrain import checkpoint as ckpt_lib
 from pretrain.config import ConfigError, model_config_from_dict
+from pretrain.hf_export import is_hf_export, write_hf_directory
 from pretrain.model import LanguageModel
 from pretrain.output_dir import check_replaceable, write_replacing
 
 EXPORT_FORMAT = "recurrent-pretrain/1"
 EXPORT_FILES = {"model.safetensors", "config.json", "tokenizer.model"}
 EXPORT = "an earlier export"
+HF_EXPORT = "an earlier export --format hf"
 
 
 def _report(msg: str) -> None:
@@ -88,10 +90,15 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32") -> Path:
+def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", format: str = "native") -> Path:
+    """Write the checkpoint's weights to out_dir: format "native" (model.safetensors, config.json,
+    tokenizer.model; load_exported reads it) or "hf" (a transformers directory, pretrain/hf_export.py)."""
     if dtype not in ("fp32", "bf16"):
         raise ConfigError(f"export dtype must be fp32 or bf16, got {dtype!r}")
-    out_dir = check_replaceable(out_dir, is_export, EXPORT)  # before any work
+    if format not in ("native", "hf"):
+        raise ConfigError(f"export format must be native or hf, got {format!r}")
+    is_ours, what = (is_export, EXPORT) if format == "native" else (is_hf_export, HF_EXPORT)
+    out_dir = check_replaceable(out_dir, is_ours, what)  # before any work
     ckpt = resolve_checkpoint(checkpoint)
     trainer_state = ckpt_lib.read_trainer_state(ckpt)
     model_cfg = trainer_state["config"]["model"]
@@ -107,9 +114,15 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32") -> 
         raise ConfigError(f"{tokenizer} is not the tokenizer this checkpoint was trained with (checksum differs)")
 
     state = consolidated_state_dict(ckpt)
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    if format == "hf":
+        extra = {"step": trainer_state["step"], "tokens": trainer_state["tokens"],
+                 "tokenizer_checksum": trainer_state["tokenizer_checksum"], "source_checkpoint": str(ckpt)}
+        with write_replacing(out_dir, is_hf_export, HF_EXPORT) as tmp:
+            write_hf_directory(tmp, model_cfg, state, tokenizer, torch_dtype, extra)
+        return out_dir
     if model_cfg["tie_embeddings"]:
         state.pop("head.weight", None)  # one tensor stored once; reloading ties it again
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     state = {k: v.to(torch_dtype).contiguous() for k, v in state.items()}
 
     meta = {"format": EXPORT_FORMAT, "model": model_cfg, "dtype": dtype, "step": trainer_state["step"],

@@ -50,6 +50,9 @@ def write_replacing(out: Path, is_ours: Callable[[Path], bool], what: str):
     os.chmod(tmp, 0o777 & ~mask)
     try:
         yield tmp
+        # and so is every file in it (safetensors' save_file creates its file 0600)
+        for path in tmp.rglob("*"):
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
         check_replaceable(out, is_ours, what)  # nothing of the user's appeared meanwhile
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
