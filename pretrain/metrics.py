@@ -118,13 +118,33 @@ def read_metrics(path: str | Path, unreadable: list | None = None) -> list[dict]
     return records
 
 
+def nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[float]:
+    """About n round tick values (1, 2 or 5 x 10^k apart) covering [lo, hi]; integers if asked."""
+    span = max(hi - lo, 1e-12)
+    raw = span / max(n - 1, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = min((m * mag for m in (1, 2, 5, 10)), key=lambda v: abs(v - raw))
+    if integer:
+        step = max(1, round(step))
+    first = math.ceil(lo / step) * step
+    ticks, k = [], 0
+    while first + k * step <= hi + 1e-9 * span:
+        ticks.append(first + k * step)
+        k += 1
+    return ticks
+
+
 def plot_loss_svg(records: list[dict], out: str | Path, title: str = "training loss") -> Path | None:
-    """Write the loss curve as a standalone SVG (no plotting library needed)."""
-    points = [(r["step"], r["loss"]) for r in records if _is_number(r.get("loss")) and math.isfinite(r["loss"])]
+    """Write the loss curve (and val_loss where logged) as a standalone SVG (no plotting library)."""
+    def series(key):
+        return [(r["step"], r[key]) for r in records
+                if _is_number(r.get(key)) and math.isfinite(r[key]) and _is_number(r.get("step"))]
+
+    points, val = series("loss"), series("val_loss")
     if len(points) < 2:
         return None
     W, H, pad = 640, 360, 48
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    xs, ys = [p[0] for p in points + val], [p[1] for p in points + val]
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
     if y1 == y0:
@@ -136,18 +156,23 @@ def plot_loss_svg(records: list[dict], out: str | Path, title: str = "training l
     def sy(y):
         return H - pad - (y - y0) / (y1 - y0) * (H - 2 * pad)
 
-    path = " ".join(f"{'M' if i == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for i, (x, y) in enumerate(points))
+    def line(pts):
+        return " ".join(f"{'M' if i == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for i, (x, y) in enumerate(pts))
+
     ticks = []
-    for i in range(5):
-        y = y0 + (y1 - y0) * i / 4
-        ticks.append(f'<text x="{pad - 6}" y="{sy(y) + 4:.1f}" text-anchor="end" font-size="11">{y:.2f}</text>'
+    for y in nice_ticks(y0, y1):
+        ticks.append(f'<text x="{pad - 6}" y="{sy(y) + 4:.1f}" text-anchor="end" font-size="11">{y:g}</text>'
                      f'<line x1="{pad}" x2="{W - pad}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#ddd"/>')
-    for i in range(5):
-        x = x0 + (x1 - x0) * i / 4
-        ticks.append(f'<text x="{sx(x):.1f}" y="{H - pad + 16}" text-anchor="middle" font-size="11">{x:.0f}</text>')
+    for x in nice_ticks(x0, x1, integer=True):
+        ticks.append(f'<text x="{sx(x):.1f}" y="{H - pad + 16}" text-anchor="middle" font-size="11">{int(x)}</text>')
+    curves = f'<path d="{line(points)}" fill="none" stroke="#1f77b4" stroke-width="1.8"/>'
+    legend = '<text x="{0}" y="40" font-size="11" fill="#1f77b4">loss</text>'.format(W - pad - 80)
+    if val:
+        curves += (f'<path d="{line(val)}" fill="none" stroke="#ff7f0e" stroke-width="1.8"/>'
+                   + "".join(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="#ff7f0e"/>' for x, y in val))
+        legend += f'<text x="{W - pad - 80}" y="54" font-size="11" fill="#ff7f0e">val_loss</text>'
     svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif">'
-           f'<rect width="100%" height="100%" fill="white"/>{"".join(ticks)}'
-           f'<path d="{path}" fill="none" stroke="#1f77b4" stroke-width="1.8"/>'
+           f'<rect width="100%" height="100%" fill="white"/>{"".join(ticks)}{curves}{legend}'
            f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>'
            f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle" font-size="12">step</text></svg>')
     out = Path(out)
