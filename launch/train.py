@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     if not dist.is_initialized() or dist.get_rank() == 0:
         fl, ll = summary["first_loss"], summary["last_loss"]
         if fl is not None:
-            print(f"done: step {summary['step']}, loss {fl:.4f} -> {ll:.4f} (this run), "
+            print(f"done: step {summary['step']}, loss {fl:.4f} -> {ll:.4f} (this run's first step -> its last "
+                  f"logged window, as in metrics.jsonl), "
                   f"{summary['tokens_per_s']:,.0f} tokens/s, checkpoint {summary['checkpoint']}", flush=True)
         elif summary["exit_code"] == 0:
             print(f"done: nothing to do, already at step {summary['step']}", flush=True)

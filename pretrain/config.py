@@ -160,6 +160,9 @@ class WandbConfig:
 class LoggingConfig:
     log_every: int = 10           # steps between metrics.jsonl lines (and progress refreshes)
     progress: bool = True         # the console progress bar
+    # bar: a tqdm progress bar; plain: one line per log step (for Slurm logs, no carriage returns);
+    # auto: the bar when stdout is a terminal, plain lines otherwise
+    console: Literal["auto", "bar", "plain"] = "auto"
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

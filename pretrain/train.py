@@ -11,8 +11,10 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -289,6 +291,19 @@ def evaluate(engine, val_loader: TokenLoader, n_batches: int, dims: ParallelDims
     return total.item()
 
 
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def max_rss_mb() -> float:
+    """This process's peak resident memory in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
 def _quiet_deepspeed():
     from deepspeed.utils import logger as ds_logger
 
@@ -390,6 +405,11 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
     t = cfg.train
     init_distributed(device)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if rank != 0:  # library and deprecation warnings once per job (rank 0), not once per rank
+        warnings.simplefilter("ignore")
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.ERROR)
     try:
         dims = ParallelDims.from_world(sp=cfg.parallel.sp, tp=cfg.parallel.tp, world_size=world)
     except ValueError as exc:
@@ -475,6 +495,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
     tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum * dims.dp
     peak = device_peak_flops(device, t.peak_tflops)
     end_step = t.stop_at or t.max_steps
+    start_step = step
     metrics = MetricsLogger(run_dir, to_dict(cfg), cfg.logging.wandb, enabled=rank == 0, resume_step=step)
     preempt = PreemptionFlag()
     # Newton convergence is never silent: layers whose residual stays above their tol (after the
@@ -497,8 +518,14 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
         return ckpt_lib.save_checkpoint(engine, run_dir, at_step, trainer_state, rank_state, t.keep_last,
                                         t.keep_every)
 
+    console = cfg.logging.console
+    if console == "auto":
+        console = "bar" if sys.stdout.isatty() else "plain"
+    show = rank == 0 and cfg.logging.progress
     pbar = tqdm(total=end_step, initial=step, unit="step", dynamic_ncols=True, smoothing=0.1,
-                disable=not (rank == 0 and cfg.logging.progress))
+                disable=not (show and console == "bar"))
+    plain = show and console == "plain"
+    last_logged_loss, data_wait = None, 0.0
     first_loss = last_loss = None
     window_loss, window_steps, window_finite, window_t0 = 0.0, 0, 0, time.perf_counter()
     run_t0, run_tokens = time.perf_counter(), 0
@@ -519,7 +546,10 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
         step_loss = torch.zeros((), device=device)
         dropped, zeroed = 0, False
         for micro in range(t.grad_accum):
-            batch = sequence_slice({k: v.to(device, non_blocking=True) for k, v in next(loader).items()}, dims)
+            t_wait = time.perf_counter()
+            raw = next(loader)
+            data_wait += time.perf_counter() - t_wait
+            batch = sequence_slice({k: v.to(device, non_blocking=True) for k, v in raw.items()}, dims)
             loss = engine(batch["input_ids"], labels=batch["labels"], doc_start=batch["doc_start"])
             newton.observe(engine.module)
             finite = torch.isfinite(loss.detach()).float()
@@ -569,6 +599,11 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
                       "grad_norm": float(engine.get_global_grad_norm() or 0.0)}
             if mfu is not None:
                 record["mfu"] = mfu
+            record.update(time=round(time.time(), 3), elapsed_s=round(time.perf_counter() - run_t0, 3),
+                          data_wait_s=round(data_wait, 4), max_rss_mb=round(max_rss_mb(), 1))
+            if device.type == "cuda":
+                record["cuda_max_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+            data_wait = 0.0
             if window is not None:
                 record["newton_residual_max"] = max(window["last"].values())  # over layers, last step
                 record["newton_unconverged"] = unconverged  # layer-steps above tol since step 0 of this run
@@ -579,10 +614,17 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
             if fallbacks:  # Triton kernels that failed their startup self-check (kernels/selfcheck.py)
                 record["kernel_fallbacks"] = len(fallbacks)
             metrics.log(record)
-            pbar.set_postfix_str(f"loss {record['loss']:.3f} | {tok_s:,.0f} tok/s"
-                                 + (f" | MFU {mfu:.1%}" if mfu is not None else " | MFU n/a (CPU)")
-                                 + (f" | skipped {skipped}" if skipped else "")
-                                 + (f" | newton unconverged {unconverged}" if unconverged else ""), refresh=False)
+            last_logged_loss = record["loss"]
+            postfix = (f"loss {record['loss']:.3f} | {tok_s:,.0f} tok/s"
+                       + (f" | MFU {mfu:.1%}" if mfu is not None else " | MFU n/a (CPU)")
+                       + (f" | skipped {skipped}" if skipped else "")
+                       + (f" | newton unconverged {unconverged}" if unconverged else ""))
+            pbar.set_postfix_str(postfix, refresh=False)
+            if plain:
+                done_steps = step - start_step
+                eta = (end_step - step) * (time.perf_counter() - run_t0) / max(done_steps, 1)
+                print(f"step {step}/{end_step} | {postfix} | lr {record['lr']:.2e} | "
+                      f"ETA {_hms(eta)}", flush=True)
             window_loss, window_steps, window_finite, window_t0 = 0.0, 0, 0, time.perf_counter()
 
         if diverged or (nonfinite_run and step == end_step):
@@ -622,6 +664,9 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
     pbar.close()
 
     wall = time.perf_counter() - run_t0
+    # first_loss: step 1's (logged alone); last_loss: the last logged value, the mean over the final
+    # log window's finite steps -- what the progress bar and metrics.jsonl show
+    last_loss = last_logged_loss if last_logged_loss is not None else last_loss
     summary = {"run_dir": str(run_dir), "step": step, "first_loss": first_loss, "last_loss": last_loss,
                "tokens_per_s": run_tokens / max(wall, 1e-9), "checkpoint": str(last_ckpt) if last_ckpt else None,
                "skipped_steps": skipped, "exit_code": exit_code, "kernel_fallbacks": kernel_fallbacks()}
