@@ -1,6 +1,6 @@
 """Held-out evaluation of a trained model: loss, perplexity, bits per token and bits per byte.
 
-The model comes from an export (`python -m launch.export`) or from a checkpoint (a checkpoint
+The model comes from an export (`python -m launch.export`, either --format) or from a checkpoint (a checkpoint
 dir, or a run dir's newest intact one; consolidated exactly as an export would be). The text is
 either a prepared split (`data/` manifest and shards, read with their sha256 checked; the split's
 tokenizer must be the model's) or raw text files tokenised here with the model's tokenizer (one
@@ -32,6 +32,7 @@ from data.shards import load_manifest, read_shard
 from data.tokenizer import Tokenizer
 from pretrain.config import ConfigError
 from pretrain.export import export, is_export, load_exported
+from pretrain.hf_export import is_hf_export, load_hf_exported
 
 
 def load_model(path: str | Path, device) -> tuple[torch.nn.Module, Tokenizer, dict]:
@@ -41,6 +42,9 @@ def load_model(path: str | Path, device) -> tuple[torch.nn.Module, Tokenizer, di
         raise ConfigError(f"{path} does not exist; pass an export dir, a run dir or a checkpoint dir")
     if is_export(path):
         model, meta = load_exported(path, device)
+        return model, Tokenizer(path / "tokenizer.model"), meta
+    if is_hf_export(path):
+        model, meta = load_hf_exported(path, device)
         return model, Tokenizer(path / "tokenizer.model"), meta
     with tempfile.TemporaryDirectory(prefix="eval-export-") as tmp:
         out = export(path, Path(tmp) / "export")  # sha256-checked, consolidated like an export

@@ -327,3 +327,57 @@ def is_hf_export(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return meta.get("format") == HF_FORMAT and {p.name for p in path.iterdir()} <= HF_FILES | {"__pycache__"}
+
+
+def load_hf_exported(path: str | Path, device="cpu"):
+    """Our LanguageModel (eval mode) from an HF export, without transformers: (model, config.json)."""
+    from safetensors.torch import load_file
+
+    from pretrain.config import model_config_from_dict
+
+    path = Path(path)
+    meta = json.loads((path / "config.json").read_text())
+    cfg = model_config_from_dict(meta["model"])
+    with torch.device("meta"):
+        model = pretrain.model.LanguageModel(cfg)
+    model = model.to_empty(device=device)
+    state = {k.removeprefix("model."): v.float() for k, v in load_file(str(path / "model.safetensors")).items()}
+    model.load_state_dict(state, strict=True)
+    if cfg.tie_embeddings:
+        model.head.weight = model.embed.weight
+    return model.eval(), meta
+
+
+# ------------------------------------------------------------------------------------------ fla
+
+# Our DeltaProductMixer parameter -> flash-linear-attention's GatedDeltaProduct parameter (the rest
+# keep their names: q_proj, k_proj, v_proj, b_proj, a_proj, A_log, dt_bias, g_proj, o_norm).
+FLA_RENAMES = {"q_conv.weight": "q_conv1d.weight", "k_conv.weight": "k_conv1d.weight",
+               "v_conv.weight": "v_conv1d.weight", "out_proj.weight": "o_proj.weight"}
+
+
+def fla_gated_deltaproduct_state_dict(mixer_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One DeltaProductMixer's state dict (keys relative to the mixer) renamed for fla's
+    GatedDeltaProduct, which then loads it with strict=True: the short convs become *_conv1d with
+    weights [C, 1, K] (nn.Conv1d's depthwise layout; same tap order), out_proj becomes o_proj."""
+    out = {}
+    for name, value in mixer_state.items():
+        new = FLA_RENAMES.get(name, name)
+        out[new] = value.unsqueeze(1) if new.endswith("_conv1d.weight") else value
+    return out
+
+
+def fla_gated_deltaproduct_kwargs(model_cfg, layer_idx: int | None = None) -> dict:
+    """The GatedDeltaProduct(...) arguments of our ModelConfig's DeltaProduct layers."""
+    c = model_cfg.deltaproduct
+    return dict(hidden_size=model_cfg.d_model, expand_v=c.expand_v, head_dim=c.head_dim, num_heads=c.num_heads,
+                num_v_heads=c.num_heads, use_output_gate=True, use_short_conv=c.use_short_conv,
+                conv_size=c.conv_size, conv_bias=False, norm_eps=model_cfg.norm_eps,
+                use_forget_gate=c.use_forget_gate, allow_neg_eigval=c.allow_neg_eigval,
+                num_householder=c.num_householder, layer_idx=layer_idx)
+
+
+def fla_state_dict(model) -> dict[str, dict[str, torch.Tensor]]:
+    """For each DeltaProduct layer of a LanguageModel, "blocks.<i>.mixer" -> its fla state dict."""
+    return {f"blocks.{i}.mixer": fla_gated_deltaproduct_state_dict(block.mixer.state_dict())
+            for i, block in enumerate(model.blocks) if block.mixer_name == "deltaproduct"}
