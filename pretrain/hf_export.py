@@ -308,7 +308,10 @@ def write_hf_directory(out: Path, model_cfg: dict, state: dict[str, torch.Tensor
         **extra,
     }
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_id, "pad_token_id": eos_id}))
+    generation = {"eos_token_id": eos_id, "pad_token_id": eos_id}
+    if sp.get_piece_size() < model_cfg["vocab_size"]:  # rows beyond the tokenizer (a rounded-up vocabulary)
+        generation["suppress_tokens"] = list(range(sp.get_piece_size(), model_cfg["vocab_size"]))
+    (out / "generation_config.json").write_text(json.dumps(generation))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "RecurrentLMTokenizer",
         "auto_map": {"AutoTokenizer": [f"{TOKENIZATION_FILE[:-3]}.RecurrentLMTokenizer", None]},

@@ -39,11 +39,13 @@ with torch.no_grad():
         o = model(ids[:, t:t + 1], past_key_values=cache)
         steps.append(o.logits)
         cache = o.past_key_values
-greedy = model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
-greedy_no_cache = model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12, use_cache=False)
+greedy = model.generate(prompt, max_new_tokens=12, do_sample=False)
+greedy_no_cache = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+torch.manual_seed(0)
+sampled = model.generate(prompt, max_new_tokens=12, do_sample=True, temperature=1.0, top_k=0)
 ours = [m for m in ("pretrain", "kernels", "parallel", "data", "launch") if m in sys.modules]
 torch.save({"logits": logits, "stepwise": torch.cat(steps, 1), "prompt": prompt, "greedy": greedy,
-            "greedy_no_cache": greedy_no_cache, "decoded": tok.decode(greedy[0]), "ours_imported": ours,
+            "greedy_no_cache": greedy_no_cache, "sampled": sampled, "decoded": tok.decode(greedy[0]), "ours_imported": ours,
             "model_class": type(model).__name__}, out)
 """.replace("PROMPT", repr(PROMPT))
 
@@ -90,9 +92,11 @@ def test_transformers_generate_uses_the_recurrent_cache_and_matches_ours(hf_expo
     hf, model, tok = hf_export["hf"], hf_export["model"], hf_export["tok"]
     prompt = torch.tensor([tok.encode(PROMPT)])
     assert torch.equal(hf["prompt"], prompt)  # the shipped tokenizer encodes as ours
-    ours = model.double().generate(prompt, 12, temperature=0.0)
+    ours = model.double().generate(prompt, 12, temperature=0.0, vocab_limit=tok.vocab_size, eos_id=tok.eos_id)
     model.float()
     assert torch.equal(hf["greedy"], ours)
+    # sampling: tokens only from the tokenizer's vocabulary (generation_config's suppress_tokens)
+    assert hf["sampled"].shape[1] > prompt.shape[1] and int(hf["sampled"].max()) < tok.vocab_size
     assert torch.equal(hf["greedy_no_cache"], ours)
     assert hf["decoded"] == tok.decode(ours[0].tolist())
 
