@@ -39,6 +39,10 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(list(key))
 
 
+# Shards hashed by this process (data.shards.read_shard): each is verified once per process.
+_VERIFIED: dict = {}
+
+
 class ShardWindows:
     """Windows of one split of one prepared directory for one dp rank."""
 
@@ -119,7 +123,8 @@ class ShardWindows:
         if entry["file"] in self.bad_shards:
             return None
         try:
-            tokens = read_shard(self.data_dir / entry["file"], entry["sha256"], self.dtype, entry["tokens"])
+            tokens = read_shard(self.data_dir / entry["file"], entry["sha256"], self.dtype, entry["tokens"],
+                                verified=_VERIFIED)
         except ShardError as e:
             if self.on_bad_shard == "error":
                 raise

@@ -436,3 +436,28 @@ def test_a_small_corpus_without_validation_documents_says_so_at_prepare_and_at_e
     assert "--val-fraction >= 0.05" in out
     with pytest.raises(ValueError, match=r"its 10 documents at --val-fraction 0.01 put none in it"):
         ShardWindows(tmp_path, seq_len=8, batch_size=1, split="val")
+
+
+def test_a_shard_is_hashed_once_per_process_and_again_when_its_file_changes(tmp_path, monkeypatch):
+    import os
+
+    from data import shards as shards_mod
+
+    manifest = _synthetic_corpus(tmp_path, [50, 70, 30], shard_tokens=64)
+    entry = manifest["train"]["shards"][0]
+    path, dtype = tmp_path / entry["file"], np.dtype(manifest["dtype"])
+    hashed = []
+    real = shards_mod.bytes_sha256
+    monkeypatch.setattr(shards_mod, "bytes_sha256", lambda data: hashed.append(1) or real(data))
+    verified = {}
+    first = read_shard(path, entry["sha256"], dtype, entry["tokens"], verified=verified)
+    again = read_shard(path, entry["sha256"], dtype, entry["tokens"], verified=verified)
+    np.testing.assert_array_equal(first, again)
+    assert len(hashed) == 1
+    data = bytearray(path.read_bytes())
+    data[-700] ^= 0xFF  # a flipped byte inside the .npy payload, written anew (new mtime)
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(0, path.stat().st_mtime_ns + 1))
+    with pytest.raises(ShardError, match="corrupt"):
+        read_shard(path, entry["sha256"], dtype, entry["tokens"], verified=verified)
+    assert len(hashed) == 2
