@@ -66,6 +66,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def skip_cpu_shm_build() -> None:
+    """DeepSpeed's CPU backend would JIT-compile its shared-memory all-reduce op in
+    deepspeed.init_distributed (1-4 minutes with g++, in TORCH_EXTENSIONS_DIR; a build interrupted
+    there leaves a `lock` file that makes every later run wait silently forever). Only
+    inference_all_reduce uses it; training's collectives go through gloo, so the op is marked
+    unavailable and never built. Call before deepspeed.init_distributed on CPU."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(device: torch.device) -> None:
     """Join (or, under plain python, create) the process group DeepSpeed will use."""
     import deepspeed
@@ -74,13 +85,7 @@ def init_distributed(device: torch.device) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     if device.type == "cpu":
-        # DeepSpeed's CPU backend would JIT-compile its shared-memory all-reduce op here (1-4 minutes
-        # with g++, in TORCH_EXTENSIONS_DIR; a build interrupted there leaves a `lock` file that makes
-        # every later run wait silently forever). Only inference_all_reduce uses it; training's
-        # collectives go through gloo, so the op is marked unavailable and never built.
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        skip_cpu_shm_build()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    verbose=False)

@@ -166,6 +166,9 @@ def check_deepspeed_grad_norm(dims, out):
     import deepspeed
     from deepspeed.runtime.utils import clip_grad_norm_
 
+    from pretrain.train import skip_cpu_shm_build
+
+    skip_cpu_shm_build()  # no JIT build of DeepSpeed's CPU shm op (as the trainer)
     deepspeed.init_distributed(dist_backend="gloo")
     group, n, r = dims.tp_group, dims.tp, dims.tp_rank
     torch.manual_seed(5)

@@ -121,6 +121,9 @@ def check_deepspeed_step(out, stage):
     from parallel.sequence_parallel import sequence_piece, sp_token_count
     from parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+    from pretrain.train import skip_cpu_shm_build
+
+    skip_cpu_shm_build()  # no JIT build of DeepSpeed's CPU shm op (as the trainer)
     deepspeed.init_distributed(dist_backend="gloo")
     dims = ParallelDims(dp=1, sp=2, tp=2, world_size=4).build_groups()
     torch.manual_seed(0)
