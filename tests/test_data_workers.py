@@ -262,3 +262,40 @@ def test_trainer_logs_val_loss_every_eval_every_steps_with_workers(tmp_path):
     # an untrained model of vocab 512 starts near ln(512) = 6.24; training lowers it
     assert abs(val[2] - math.log(512)) < 1.0 and val[6] < val[2]
     assert abs(val[6] - train[6]) < 1.5
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_blocks_of_batches_from_several_workers_come_back_in_order_and_resume_mid_block(
+        corpus, monkeypatch, workers):
+    """Workers hand batches back in blocks (data/loader.py); with blocks of 4 batches the stream
+    crosses many blocks and workers, and a resume inside a block continues exactly."""
+    import data.loader as loader_mod
+
+    kw = dict(seq_len=8, batch_size=3, dp_rank=0, dp_size=1, seed=2)
+    monkeypatch.setattr(loader_mod, "BLOCK_TOKENS", 4 * 3 * 9)
+    assert loader_mod.block_batches(3, 8) == 4
+    reference = _take(TokenLoader(corpus, **kw), 45)
+    run = TokenLoader(corpus, num_workers=workers, **kw)
+    _assert_same(_take(run, 30), reference[:30])
+    state = run.state_dict()
+    run.close()
+    resumed = TokenLoader(corpus, num_workers=workers, **kw)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # position 30: inside a block of 4
+    _assert_same(_take(resumed, 15), reference[30:])
+    resumed.close()
+
+
+def test_a_bad_shard_inside_a_block_stops_at_the_same_batch_as_without_workers(corpus, monkeypatch):
+    import data.loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "BLOCK_TOKENS", 5 * 3 * 9)
+    _corrupt(corpus / "train-000003.tar")
+    reached = []
+    for workers in (0, 2):
+        loader = TokenLoader(corpus, 8, 3, dp_size=1, seed=0, num_workers=workers)
+        with pytest.raises(ShardError, match=r"train-000003\.tar is corrupt"):
+            for _ in range(loader.batches_per_epoch):
+                next(loader)
+        reached.append(loader.position)
+        loader.close()
+    assert reached[0] == reached[1] > 0
