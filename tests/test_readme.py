@@ -28,7 +28,9 @@ SMALL = ["train.max_steps=2", "train.warmup_steps=1", "train.save_every=2", "tra
          "data.seq_len=32", "model.d_model=64", "logging.log_every=1", "logging.wandb.mode=disabled"]
 SKIP = {"bash launch/test.sh": "the test suite itself",
         "--nproc-per-node 8": "needs 8 GPUs",
-        "sbatch ": "needs a Slurm cluster: tests/test_slurm.py submits slurm/pretrain.sbatch to a real one"}
+        "sbatch ": "needs a Slurm cluster: tests/test_slurm.py submits slurm/pretrain.sbatch to a real one",
+        "launch.harness": "downloads lm-eval's task datasets (no network here) and needs the [harness] extra; "
+                          "tests/test_lm_eval.py runs the adapter on local-file tasks"}
 
 
 def readme_commands(text: str) -> list[str]:
