@@ -273,18 +273,14 @@ class TokenLoader:
                         worker_init_fn=_ignore_preemption_signals))
                 finally:
                     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            if not self._pending:
-                if self._pending_error is not None:
-                    error = self._pending_error
-                    self.close()
-                    raise ShardError(error)
+            if not self._pending and self._pending_error is None:
                 windows, doc_start, bads, self._pending_error = next(self._workers)
                 if windows is not None:
                     self._pending.extend(zip(windows, doc_start, bads))
-                if not self._pending:
-                    error = self._pending_error
-                    self.close()
-                    raise ShardError(error)
+            if not self._pending:  # the block ended at a bad shard: raise at that very batch
+                error = self._pending_error
+                self.close()
+                raise ShardError(error)
             windows, doc_start, new_bad = self._pending.popleft()
         for name in new_bad:
             if name not in self.bad_shards:

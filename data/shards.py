@@ -84,13 +84,12 @@ def read_shard(path: Path, sha256: str, dtype: np.dtype, tokens: int, verified: 
         raise ShardError(f"shard {path} cannot be read ({e.strerror}); re-run "
                          f"{prepare_hint(path.parent)}") from None
     identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, sha256)
-    if verified is not None and verified.get(str(path)) == identity:
-        pass
-    elif bytes_sha256(data) != sha256:
-        raise ShardError(f"shard {path} is corrupt: its sha256 does not match manifest.json; "
-                         f"re-run {prepare_hint(path.parent)}")
-    elif verified is not None:
-        verified[str(path)] = identity
+    if verified is None or verified.get(str(path)) != identity:
+        if bytes_sha256(data) != sha256:
+            raise ShardError(f"shard {path} is corrupt: its sha256 does not match manifest.json; "
+                             f"re-run {prepare_hint(path.parent)}")
+        if verified is not None:
+            verified[str(path)] = identity
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             parts = [np.load(io.BytesIO(tar.extractfile(m).read()), allow_pickle=False)
