@@ -153,6 +153,14 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
     write_atomic(Path(out_dir) / MANIFEST, manifest_bytes(manifest))
 
 
+def empty_split_reason(manifest: dict) -> str:
+    """Why a prepared directory's val split holds nothing (its val_fraction and documents)."""
+    frac = manifest.get("settings", {}).get("val_fraction")
+    if not frac:
+        return "it was prepared with --val-fraction 0"
+    return f"its {manifest.get('documents', 0):,} documents at --val-fraction {frac} put none in it"
+
+
 def load_manifest(data_dir: str | os.PathLike) -> tuple[dict, str]:
     """(manifest, sha256 of its bytes). Missing directory or manifest: FileNotFoundError that
     says what to run."""

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.shards import SPLITS, ShardError, load_manifest, read_shard
+from data.shards import SPLITS, ShardError, empty_split_reason, load_manifest, read_shard
 
 _CACHED_SHARDS = 2  # a batch may span two shards
 BAD_SHARD_POLICIES = ("error", "skip")
@@ -68,10 +68,7 @@ class ShardWindows:
         if self.windows_per_epoch == 0:
             where = f"split {split!r} of {self.data_dir}"
             if not self._shards:
-                frac = self.manifest.get("settings", {}).get("val_fraction")
-                why = ("it was prepared with --val-fraction 0" if not frac else
-                       f"its {self.manifest.get('documents', 0):,} documents at --val-fraction {frac} "
-                       f"put none in it")
+                why = empty_split_reason(self.manifest)
                 raise ValueError(f"{where} is empty: {why}; prepare the data with a larger --val-fraction "
                                  f"or more text, or do not read it (train.eval_every=0)")
             if deal == "shards" and len(self._shards) < dp_size:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from data.corpus import iter_documents
-from data.shards import load_manifest, read_shard
+from data.shards import empty_split_reason, load_manifest, read_shard
 from data.tokenizer import Tokenizer
 from pretrain.config import ConfigError
 from pretrain.export import export, is_export, load_exported
@@ -62,9 +62,7 @@ def split_tokens(data_dir: str | Path, split: str, tokenizer: Tokenizer) -> np.n
         raise ConfigError(f"--split must be train or val, got {split!r}")
     shards = manifest[split]["shards"]
     if not shards:
-        frac = manifest.get("settings", {}).get("val_fraction")
-        why = ("" if split != "val" else " (prepared with --val-fraction 0)" if not frac else
-               f" (its {manifest.get('documents', 0):,} documents at --val-fraction {frac} put none in it)")
+        why = f" ({empty_split_reason(manifest)})" if split == "val" else ""
         raise ConfigError(f"split {split!r} of {data_dir} is empty{why}; evaluate --split train, pass --text "
                           f"files, or prepare the data with a larger --val-fraction")
     dtype = np.dtype(manifest["dtype"])
