@@ -20,8 +20,13 @@ this runs is what is measured.
 Counted. Per call, from the interpreter: bytes read + written by every global load/store of
 unmasked elements (what programs ask of memory, before L2), dot FLOPs by kind, programs, and
 sequential steps (loop iterations of the longest program, summed over launches; see
-kernels/triton_interpreter.py). Separately, the bytes the torch ops between the kernels move
-(cumsums, casts, pads, zero-fills: every non-view op reads its inputs and writes its outputs).
+kernels/triton_interpreter.py). Also the same bytes counted once per distinct address per launch:
+what reaches HBM if L2 keeps everything a launch touched. The truth lies between the two: in the
+state walks every dv block of a head reads the head's K and Wk chunk by chunk, in step with its
+siblings (~2 MB per chunk step for all heads at the 1B shapes, against 50 MB of L2 on H100/H200),
+so those re-reads are L2 hits; a re-read far apart in time is not. Separately, the bytes the torch
+ops between the kernels move (cumsums, casts, pads, zero-fills: every non-view op reads its inputs
+and writes its outputs).
 
 Normalisation. Per token per layer (DeltaProduct) or per element = channel × token (ParaRNN,
 scan). DeltaProduct is measured at --heads heads and scaled to the config's: every program
@@ -135,6 +140,7 @@ class Phase:
     kernels: dict  # name -> KernelTraffic
     kernel_bytes: int
     torch_bytes: int
+    unique_bytes: int  # kernels' bytes at distinct addresses per launch (an ideal L2)
     flops: dict  # kind -> dot FLOPs
     programs: int
     steps: int
@@ -148,7 +154,7 @@ def measure(fn):
         out = fn()
         seconds = time.perf_counter() - t0
     total = counter.total()
-    return out, Phase(dict(counter.kernels), total.bytes, ops.bytes, dict(total.dot_flops_by_kind),
+    return out, Phase(dict(counter.kernels), total.bytes, ops.bytes, total.unique_bytes, dict(total.dot_flops_by_kind),
                       total.programs, total.steps, seconds)
 
 
@@ -302,7 +308,7 @@ def combine(fwd: Phase, bwd: Phase | None, with_bwd: bool):
         for kind, n in p.flops.items():
             flops[kind] = flops.get(kind, 0) + n
     return dict(kernel=sum(p.kernel_bytes for p in phases), torch=sum(p.torch_bytes for p in phases),
-                flops=flops, programs=sum(p.programs for p in phases), steps=sum(p.steps for p in phases),
+                unique=sum(p.unique_bytes for p in phases), flops=flops, programs=sum(p.programs for p in phases), steps=sum(p.steps for p in phases),
                 seconds=sum(p.seconds for p in phases))
 
 
@@ -323,6 +329,7 @@ def summarise(case: Case, seq_len: int, tokens_per_batch: int):
 
         kernel, res_k = per_unit("kernel")
         torch_b, _ = per_unit("torch")
+        unique, _ = per_unit("unique")
         kinds = sorted({k for r in per_T for k in r["flops"]})
         flops = {k: per_unit("flops", k)[0] for k in kinds}
         programs, _ = fit_at(Ts, [r["programs"] * case.scale for r in per_T], seq_len)
@@ -333,7 +340,7 @@ def summarise(case: Case, seq_len: int, tokens_per_batch: int):
         mem_s = total * layer_tokens / HBM
         dot_s = sum(n * layer_tokens / PEAK[k] for k, n in flops.items())
         rows.append(dict(op=case.op, impl=case.impl, phase=phase, unit=case.unit, kernel=kernel, torch=torch_b,
-                         total=total, minimum=minimum, flops=flops, programs=programs, steps=steps,
+                         total=total, unique=unique, unique_total=unique + torch_b, minimum=minimum, flops=flops, programs=programs, steps=steps,
                          mem_us=mem_s * 1e6, dot_us=dot_s * 1e6, fit_residual=res_k,
                          measured={T: (r["kernel"] + r["torch"]) * case.scale / (T * case.units_per_T)
                                    for T, r in zip(Ts, per_T)}))
@@ -357,15 +364,16 @@ def fmt_flops(flops: dict):
 
 
 def main_table(rows):
-    head = ("| op | impl | phase | unit | kernel B/unit | torch-op B/unit | total B/unit | minimum | "
-            "total/min | dot FLOP/unit | programs/call | seq. steps/call | H200 bound µs/layer (mem, dot) |\n"
-            "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|")
+    head = ("| op | impl | phase | unit | kernel B/unit | kernel B/unit, distinct per launch | torch-op B/unit | "
+            "total B/unit | minimum | total/min | dot FLOP/unit | programs/call | seq. steps/call | "
+            "H200 bound µs/layer (mem, dot) |\n"
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|")
     lines = [head]
     for r in rows:
         bound = max(r["mem_us"], r["dot_us"])
         lines.append(
             f"| {r['op']} | {r['impl']} | {r['phase']} | {r['unit']} | {fmt_bytes(r['kernel'])} | "
-            f"{fmt_bytes(r['torch'])} | {fmt_bytes(r['total'])} | {fmt_bytes(r['minimum'])} | "
+            f"{fmt_bytes(r['unique'])} | {fmt_bytes(r['torch'])} | {fmt_bytes(r['total'])} | {fmt_bytes(r['minimum'])} | "
             f"{r['total'] / r['minimum']:.1f}x | {fmt_flops(r['flops'])} | {r['programs']:,.0f} | {r['steps']:,.0f} | "
             f"**{bound:,.1f}** ({r['mem_us']:,.1f}, {r['dot_us']:,.1f}) |")
     return "\n".join(lines)
@@ -375,7 +383,8 @@ def kernel_table(case: Case):
     """Per kernel at the largest T measured, forward then backward, per unit of the full layer."""
     T = max(case.phases)
     lines = [f"| {case.op} {case.impl}, T={T} | phase | launches | programs | B/unit read | B/unit written | "
-             f"dot FLOP/unit | steps | max loads/program |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"B/unit read, distinct per launch | dot FLOP/unit | steps | max loads/program |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     units = T * case.units_per_T
     for phase, ph in zip(("fwd", "bwd"), case.phases[T]):
         if ph is None:
@@ -383,9 +392,10 @@ def kernel_table(case: Case):
         for name, k in ph.kernels.items():
             lines.append(f"| {name} | {phase} | {k.launches} | {k.programs * case.scale:,.0f} | "
                          f"{fmt_bytes(k.bytes_read * case.scale / units)} | {fmt_bytes(k.bytes_written * case.scale / units)} | "
+                         f"{fmt_bytes(k.unique_bytes_read * case.scale / units)} | "
                          f"{fmt_flops({kk: v * case.scale / units for kk, v in k.dot_flops_by_kind.items()})} | "
                          f"{k.steps} | {k.max_loads_per_program} |")
-        lines.append(f"| (torch ops) | {phase} | | | {fmt_bytes(ph.torch_bytes * case.scale / units)} (read+written) | | | | |")
+        lines.append(f"| (torch ops) | {phase} | | | {fmt_bytes(ph.torch_bytes * case.scale / units)} (read+written) | | | | | |")
     return "\n".join(lines)
 
 
@@ -395,7 +405,9 @@ def goals(rows):
     for phase in ("fwd", "fwd+bwd"):
         ours, fla = get.get(("deltaproduct", "ours", phase)), get.get(("deltaproduct", "fla", phase))
         if ours and fla:
-            for key, what in (("total", "kernels + torch ops"), ("kernel", "kernels only")):
+            for key, what in (("total", "kernels + torch ops"), ("kernel", "kernels only"),
+                              ("unique_total", "kernels at distinct addresses per launch + torch ops"),
+                              ("unique", "kernels at distinct addresses per launch")):
                 met = "met" if ours[key] <= fla[key] else "NOT met"
                 out.append(f"- DeltaProduct bytes/token ≤ fla's ({phase}, {what}): **{met}** — ours "
                            f"{fmt_bytes(ours[key])} vs fla {fmt_bytes(fla[key])} B/token ({ours[key] / fla[key]:.2f}x)")
@@ -530,7 +542,9 @@ def main(argv=None):
             f"- command: `{cmd.strip()}`\n- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
             f"- kernels: commit {kernels_version()}\n- machine: {machine()}; run took {time.perf_counter() - started:.0f} s\n- setting: {setting}\n\n"
             f"Units: `token` = per token per layer; `element` = per channel per token. Bytes are what the programs "
-            f"load and store (unmasked elements, before caches) plus the torch ops between kernels. programs/call "
+            f"load and store (unmasked elements, before caches) plus the torch ops between kernels; the distinct-address "
+            f"column counts each address once per launch (what reaches HBM if L2 keeps what a launch touched: "
+            f"a lower bound, the loads column an upper one). programs/call "
             f"and seq. steps/call are for one sequence of {seq_len} tokens (B=1).\n\n{table}\n\n## Goals\n\n{goal_lines}\n\n"
             f"## Per kernel\n\n" + "\n\n".join(kernel_table(c) for c in cases if c.phases) +
             "\n\n## Notes\n\n" + "\n".join(notes) + "\n")

@@ -213,6 +213,12 @@ class KernelTraffic:
     loads: int = 0  # load instructions executed, all programs
     stores: int = 0
     steps: int = 0  # sum over launches of the max loop iterations of one program
+    # Bytes at distinct addresses, per launch, summed over launches: what reaches HBM if L2 keeps
+    # every byte a launch touched (re-reads by other programs of the same launch, e.g. the dv
+    # blocks of one head reading its K, are then cache hits). A lower bound on DRAM traffic, as
+    # bytes_read / bytes_written (every load and store, before caches) is an upper bound.
+    unique_bytes_read: int = 0
+    unique_bytes_written: int = 0
     max_steps_per_program: int = 0
     max_dots_per_program: int = 0
     max_loads_per_program: int = 0
@@ -220,6 +226,10 @@ class KernelTraffic:
     @property
     def bytes(self) -> int:
         return self.bytes_read + self.bytes_written
+
+    @property
+    def unique_bytes(self) -> int:
+        return self.unique_bytes_read + self.unique_bytes_written
 
     def add(self, other: "KernelTraffic") -> None:
         for f in dataclasses.fields(self):
@@ -240,6 +250,20 @@ class _Program:
     loads: int = 0
 
 
+def _distinct_bytes(touched) -> int:
+    """Bytes at distinct addresses among [(addresses, bytes per element)] (an address accessed
+    with two element sizes counts the larger)."""
+    if not touched:
+        return 0
+    addresses = np.concatenate([a.astype(np.uint64, copy=False) for a, _ in touched])
+    sizes = np.concatenate([np.full(a.size, e, dtype=np.int64) for a, e in touched])
+    order = np.lexsort((-sizes, addresses))
+    addresses, sizes = addresses[order], sizes[order]
+    first = np.ones(addresses.size, dtype=bool)
+    first[1:] = addresses[1:] != addresses[:-1]
+    return int(sizes[first].sum())
+
+
 class TrafficCounter:
     """What count_traffic() measured: ``kernels`` maps kernel name -> KernelTraffic, in order of
     first launch."""
@@ -249,6 +273,7 @@ class TrafficCounter:
         self._kernel: KernelTraffic | None = None
         self._launch_max_steps = 0
         self._program: _Program | None = None
+        self._touched = {True: [], False: []}  # read? -> [(addresses, bytes per element)] this launch
 
     def total(self) -> KernelTraffic:
         out = KernelTraffic()
@@ -274,6 +299,7 @@ class TrafficCounter:
         self._kernel.launches += 1
         self._launch_max_steps = 0
         self._program = None
+        self._touched = {True: [], False: []}
 
     def _start_program(self) -> None:
         self._end_program()
@@ -294,6 +320,9 @@ class TrafficCounter:
         self._end_program()
         if self._kernel is not None:
             self._kernel.steps += self._launch_max_steps
+            self._kernel.unique_bytes_read += _distinct_bytes(self._touched[True])
+            self._kernel.unique_bytes_written += _distinct_bytes(self._touched[False])
+        self._touched = {True: [], False: []}
         self._kernel = None
 
     def _memory(self, ptrs, mask, read: bool, write: bool) -> None:
@@ -301,13 +330,16 @@ class TrafficCounter:
         if k is None:  # a load outside a launch cannot happen; be safe rather than crash
             return
         m = mask.data if mask is not None else None
-        if m is None:
-            n = int(np.asarray(ptrs.data).size)
-        elif np.shape(m) == np.shape(ptrs.data):
-            n = int(np.count_nonzero(m))
-        else:
-            n = int(np.count_nonzero(np.broadcast_to(m, np.shape(ptrs.data))))
-        nbytes = n * max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
+        addresses = np.asarray(ptrs.data)
+        if m is not None:
+            addresses = addresses[np.broadcast_to(m, addresses.shape)]
+        n = int(addresses.size)
+        elem = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
+        nbytes = n * elem
+        if read:
+            self._touched[True].append((addresses.ravel().copy(), elem))
+        if write:
+            self._touched[False].append((addresses.ravel().copy(), elem))
         if read:
             k.bytes_read += nbytes
             k.loads += 1

@@ -69,6 +69,29 @@ def test_masked_copy_counts_unmasked_bytes_per_element_size():
     assert k.bytes_written == n * 4 + n * 2
     assert (k.loads, k.stores, k.max_loads_per_program) == (16, 8, 2)
     assert (k.dot_flops, k.steps) == (0, 0)
+    # at distinct addresses, per launch: n is read by 4 programs but counts once per launch
+    assert k.unique_bytes_read == n * 4 + n * 2 + 2 * 4
+    assert k.unique_bytes_written == k.bytes_written
+
+
+@triton.jit
+def broadcast_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    """Every program reads the same block of x (twice) and writes its own block of y."""
+    i = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i) + tl.load(x_ptr + i)
+    tl.store(y_ptr + tl.program_id(0) * BLOCK + i, x)
+
+
+def test_distinct_bytes_count_rereads_of_a_launch_once_and_each_launch_anew():
+    P, block = 5, 16
+    x, y = torch.randn(block), torch.zeros(P * block)
+    with count_traffic() as counter:
+        for _ in range(2):
+            broadcast_kernel[(P,)](x, y, BLOCK=block)
+    k = counter.kernels["broadcast_kernel"]
+    assert k.bytes_read == 2 * P * 2 * block * 4 and k.unique_bytes_read == 2 * block * 4
+    assert k.bytes_written == k.unique_bytes_written == 2 * P * block * 4
+    assert k.unique_bytes == k.unique_bytes_read + k.unique_bytes_written
 
 
 def test_dot_flops_loop_steps_and_per_kernel_names():
