@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a run dir (uses its latest checkpoint) or a checkpoint dir")
     parser.add_argument("--out", required=True, help="output checkpoint directory (new, empty, or an earlier conversion)")
     args = parser.parse_args(argv)
-    from pretrain.checkpoint import CONVERSION, convert_to_full, is_conversion
+    from pretrain.reshard import CONVERSION, convert_to_full, is_conversion
     from pretrain.config import ConfigError
     from pretrain.export import resolve_checkpoint
     from pretrain.output_dir import check_replaceable

@@ -16,8 +16,6 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-MIXERS = ("paragru", "paralstm", "deltaproduct", "attention")
-
 
 class ConfigError(ValueError):
     """A configuration a user wrote that cannot be used; the message is one line."""
@@ -135,6 +133,7 @@ class TrainConfig:
     save_every: int = 100         # steps between checkpoints
     keep_last: int = 3            # newest checkpoints kept
     keep_every: int = 0           # also keep every checkpoint whose step is a multiple of this (0: none)
+    async_save: bool = False      # write checkpoints in a background thread from a host copy (training goes on)
     resume: str = "auto"          # auto (newest complete checkpoint if any) | none | a checkpoint dir
     overwrite: bool = False       # move checkpoints of another run, or of later steps, aside (pretrain/run_dir.py)
     peak_tflops: Optional[float] = None  # device peak for MFU; None = known GPUs only

@@ -1,7 +1,7 @@
 """Export a checkpoint to `model.safetensors` + `config.json` + `tokenizer.model`, and load it back.
 
 ZeRO-1/2 partitions and tensor-parallel shards are consolidated into full fp32 weights by
-pretrain.checkpoint.full_state (the same path a topology change takes), ZeRO-3 partitions by
+pretrain.reshard.full_state (the same path a topology change takes), ZeRO-3 partitions by
 DeepSpeed's zero_to_fp32 reader; a checkpoint written without ZeRO holds the weights (tp shards)
 in its model-states files. Every file is read with weights_only=True (DeepSpeed's zero_to_fp32
 included) after its sha256 is checked against the checkpoint's manifest; the output directory is
@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pretrain import checkpoint as ckpt_lib
+from pretrain import deepspeed_io, reshard
 from pretrain.config import ConfigError, model_config_from_dict
 from pretrain.hf_export import is_hf_export, write_hf_directory
 from pretrain.model import LanguageModel
@@ -65,23 +66,23 @@ def is_export(path: Path) -> bool:
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights of the model saved in `ckpt`, whatever the ZeRO stage and tp degree:
-    ZeRO-1/2 partitions and tensor-parallel shards through checkpoint.full_state (the fp32 master
+    ZeRO-1/2 partitions and tensor-parallel shards through reshard.full_state (the fp32 master
     weights), ZeRO-3 through DeepSpeed's zero_to_fp32 (tp=1 only), no ZeRO from the model-states
     files (shards merged by the shard_spec recorded in trainer_state.json)."""
     trainer_state = ckpt_lib.read_trainer_state(ckpt)
     stage = trainer_state.get("config", {}).get("parallel", {}).get("zero_stage", 1)
-    if (ckpt / ckpt_lib.FULL_STATE).is_file() or (stage in (1, 2) and list(ckpt.glob("*optim_states.pt"))):
-        state = {name: v["fp32"] for name, v in ckpt_lib.full_state(ckpt)["params"].items()}
+    if (ckpt / reshard.FULL_STATE).is_file() or (stage in (1, 2) and list(ckpt.glob("*optim_states.pt"))):
+        state = {name: v["fp32"] for name, v in reshard.full_state(ckpt)["params"].items()}
     elif list(ckpt.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with ckpt_lib.zero_to_fp32_weights_only():
+        with deepspeed_io.zero_to_fp32_weights_only():
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     else:
         tp = trainer_state.get("topology", {}).get("tp", 1)
         specs = trainer_state.get("shard_specs", {})
-        per_tp = [ckpt_lib.load_checkpoint_file(ckpt / f"mp_rank_{t:02d}_model_states.pt")["module"] for t in range(tp)]
-        state = {name: ckpt_lib.merge_shards([m[name] for m in per_tp], specs[name]) if name in specs and tp > 1
+        per_tp = [deepspeed_io.load_checkpoint_file(ckpt / f"mp_rank_{t:02d}_model_states.pt")["module"] for t in range(tp)]
+        state = {name: reshard.merge_shards([m[name] for m in per_tp], specs[name]) if name in specs and tp > 1
                  else v for name, v in per_tp[0].items()}
     return {k: v.float().contiguous() for k, v in state.items()}
 

@@ -23,11 +23,12 @@ import yaml
 
 from data.loader import TokenLoader
 from data.mixing import parse_mix
+from data.regroup import resume_loader
 from data.shards import load_manifest
 from kernels import selfcheck
 from parallel.topology import ParallelDims
 from pretrain import checkpoint as ckpt_lib
-from pretrain import preemption
+from pretrain import preemption, reshard
 from pretrain.config import Config, ConfigError, to_dict
 from pretrain.metrics import MetricsLogger, device_peak_flops, plot_loss_svg, read_metrics
 from pretrain.model import LanguageModel
@@ -474,13 +475,13 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
 
     step, tokens_seen, skipped = 0, 0, 0
     if resume_from is not None:
-        if ckpt_lib.needs_reshard(ckpt_lib.read_trainer_state(resume_from), dims):
-            trainer_state, rank_state = ckpt_lib.load_resharded(engine, resume_from, dims)
+        if reshard.needs_reshard(ckpt_lib.read_trainer_state(resume_from), dims):
+            trainer_state, rank_state = reshard.load_resharded(engine, resume_from, dims)
         else:
             trainer_state, rank_state = ckpt_lib.load_checkpoint(engine, resume_from)
         step, tokens_seen, skipped = trainer_state["step"], trainer_state["tokens"], trainer_state["skipped_steps"]
         try:
-            loader = ckpt_lib.resume_loader(loader, rank_state["loader"], t.grad_accum)
+            loader = resume_loader(loader, rank_state["loader"], t.grad_accum)
         except ValueError as exc:
             raise ConfigError(f"cannot resume from {resume_from}: {exc}") from None
         ckpt_lib.set_rng_state(rank_state["rng"])
@@ -514,14 +515,14 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
               f"ZeRO-{cfg.parallel.zero_stage}; "
               + (f"resuming from {resume_from} at step {step}" if resume_from else "starting at step 0"), flush=True)
 
-    def save(at_step: int) -> Path:
+    def state_of(at_step: int) -> tuple[dict, dict]:
         trainer_state = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
                          "config": to_dict(cfg), "tokenizer_checksum": loader.tokenizer_checksum,
                          "world_size": world, "topology": {"dp": dims.dp, "sp": dims.sp, "tp": dims.tp},
-                         "shard_specs": ckpt_lib.shard_specs(engine.module), "lineage": lineage}
-        rank_state = {"rng": ckpt_lib.rng_state(), "loader": loader.state_dict()}
-        return ckpt_lib.save_checkpoint(engine, run_dir, at_step, trainer_state, rank_state, t.keep_last,
-                                        t.keep_every)
+                         "shard_specs": reshard.shard_specs(engine.module), "lineage": lineage}
+        return trainer_state, {"rng": ckpt_lib.rng_state(), "loader": loader.state_dict()}
+
+    checkpointer = ckpt_lib.Checkpointer(engine, run_dir, state_of, t.keep_last, t.keep_every, t.async_save)
 
     console = cfg.logging.console
     if console == "auto":
@@ -633,6 +634,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
             window_loss, window_steps, window_finite, window_t0 = 0.0, 0, 0, time.perf_counter()
 
         if diverged or (nonfinite_run and step == end_step):
+            checkpointer.wait()
             pbar.close()
             metrics.close()
             raise ConfigError(
@@ -654,9 +656,12 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
                 pbar.write(f"step {step}: not saved: the last {nonfinite_run} step(s) had a non-finite loss or "
                            f"gradient; the last good checkpoint is {last_ckpt}")
         elif step % t.save_every == 0 or step == end_step or preempted:
-            last_ckpt = save(step)
+            last_ckpt = checkpointer.save(step)
+            if step == end_step or preempted:  # about to exit: the save must be in place first
+                checkpointer.wait()
             if rank == 0:
-                pbar.write(f"saved checkpoint {last_ckpt}")
+                pbar.write(f"saved checkpoint {last_ckpt}" if not t.async_save or step == end_step or preempted
+                           else f"saving checkpoint {last_ckpt} in the background")
         if preempted:
             if rank == 0:
                 # The marker survives launchers (torchrun) that do not pass exit codes through.
@@ -666,6 +671,7 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
                            + f"; exiting with {REQUEUE_EXIT_CODE} to be requeued")
             exit_code = REQUEUE_EXIT_CODE
             break
+    checkpointer.wait()
     pbar.close()
 
     wall = time.perf_counter() - run_t0

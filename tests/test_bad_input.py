@@ -153,7 +153,7 @@ def test_prepare_data_turns_sentencepiece_errors_into_one_line(tmp_path, capsys,
 def test_under_torchrun_a_shared_user_error_is_printed_by_rank_0_only(monkeypatch, capsys, rank, world, exc,
                                                                        printed):
     from launch.errors import run_cli
-    from pretrain.checkpoint import UnsafeCheckpointError
+    from pretrain.deepspeed_io import UnsafeCheckpointError
 
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("WORLD_SIZE", world)

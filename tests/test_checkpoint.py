@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pretrain import checkpoint as ckpt_lib
+from pretrain import deepspeed_io, reshard
 from pretrain.config import load_config
 from pretrain.model import LanguageModel
 from pretrain.train import deepspeed_config, init_distributed
@@ -88,16 +89,16 @@ def test_keep_every_keeps_multiples_beside_the_last_k(engine, tmp_path):
 def test_deepspeed_files_load_with_weights_only(engine, tmp_path):
     ckpt = save(engine, tmp_path, 1)
     for f in sorted(ckpt.glob("*.pt")):
-        assert isinstance(ckpt_lib.load_checkpoint_file(f), dict), f
+        assert isinstance(deepspeed_io.load_checkpoint_file(f), dict), f
 
 
 def test_merge_shards_inverts_the_tensor_parallel_cut():
     full = torch.arange(24 * 5, dtype=torch.float32).reshape(24, 5)
     # heads interleaved: dim 0 viewed as (2, 3, 4), axis 1 (the 3) cut over 3 ranks
-    assert torch.equal(ckpt_lib.cut_shard(full, [0, [2, 3, 4], 1], 1, 3), full.reshape(2, 3, 4, 5)[:, 1].reshape(8, 5))
+    assert torch.equal(reshard.cut_shard(full, [0, [2, 3, 4], 1], 1, 3), full.reshape(2, 3, 4, 5)[:, 1].reshape(8, 5))
     for spec, n in (([0, None, 0], 2), ([0, [2, 3, 4], 1], 3), ([1, None, 0], 5)):
-        shards = [ckpt_lib.cut_shard(full, spec, r, n) for r in range(n)]
-        assert torch.equal(ckpt_lib.merge_shards(shards, spec), full), spec
+        shards = [reshard.cut_shard(full, spec, r, n) for r in range(n)]
+        assert torch.equal(reshard.merge_shards(shards, spec), full), spec
 
 
 def test_rng_state_round_trips():
@@ -151,3 +152,128 @@ def test_manifest_checksums_catch_a_flipped_byte(engine, tmp_path):
     assert ckpt_lib.is_complete(ckpt)
     with pytest.raises(ConfigError, match="mp_rank_00_model_states.pt does not match the sha256 in its manifest"):
         ckpt_lib.verify_checksums(ckpt)
+
+
+# ----------------------------------------------------------------------------- asynchronous save
+
+
+def async_save(engine, run_dir, step, state=None):
+    state = state if state is not None else {"step": step}
+    return ckpt_lib.Checkpointer(engine, run_dir, lambda s: (state, {"rng": ckpt_lib.rng_state()}), keep_last=5,
+                                 async_save=True)
+
+
+def test_async_save_writes_what_a_sync_save_writes_from_the_state_at_save_time(engine, tmp_path, monkeypatch):
+    sync = save(engine, tmp_path / "sync", 1)
+    # Hold the writer thread until the weights have changed: the checkpoint must hold the old ones.
+    import threading
+
+    release, real = threading.Event(), ckpt_lib._save_hashing
+
+    def held(obj, path):
+        release.wait(30)
+        return real(obj, path)
+
+    monkeypatch.setattr(ckpt_lib, "_save_hashing", held)
+    checkpointer = async_save(engine, tmp_path / "async", 1)
+    final = checkpointer.save(1)
+    assert not final.exists() and ckpt_lib.find_latest(tmp_path / "async") is None  # nothing in place yet
+    before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            p.add_(1.0)
+    release.set()
+    checkpointer.wait()
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            p.sub_(1.0)
+    assert ckpt_lib.find_latest(tmp_path / "async") == final == checkpointer.last_saved
+    ckpt_lib.verify_checksums(final)  # the sha256 taken while writing match the files
+    assert sorted(p.name for p in final.iterdir()) == sorted(p.name for p in sync.iterdir())
+    saved = deepspeed_io.load_checkpoint_file(final / "mp_rank_00_model_states.pt")["module"]
+    for k, v in before.items():
+        assert torch.equal(saved[k], v), k
+    for name in ("mp_rank_00_model_states.pt", "trainer_state.json"):
+        a, b = (deepspeed_io.load_checkpoint_file(d / name) if name.endswith(".pt") else
+                json.loads((d / name).read_text()) for d in (sync, final))
+        if isinstance(a, dict) and "module" in a:
+            assert all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"])
+        else:
+            assert a == b
+    assert not (tmp_path / "async" / "checkpoints" / ckpt_lib.TMP / "step_00000001").exists()
+    assert not [p for p in final.rglob("*") if p.name.startswith(".")]  # the ranks' markers are gone
+
+
+def test_an_error_in_the_background_writer_is_raised_by_wait_and_nothing_is_published(engine, tmp_path, monkeypatch):
+    def full_disk(obj, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_lib, "_save_hashing", full_disk)
+    checkpointer = async_save(engine, tmp_path, 1)
+    checkpointer.save(1)
+    with pytest.raises(RuntimeError, match="asynchronous checkpoint save failed: .*No space left"):
+        checkpointer.wait()
+    assert ckpt_lib.find_latest(tmp_path) is None and not (tmp_path / "checkpoints" / "latest").exists()
+
+
+KILLED_MID_WRITE = """
+import sys, time
+from pathlib import Path
+import torch, deepspeed
+from pretrain import checkpoint as ckpt_lib
+from pretrain.config import load_config
+from pretrain.model import LanguageModel
+from pretrain.train import deepspeed_config, init_distributed
+init_distributed(torch.device("cpu"))
+cfg = load_config(None, ["model.vocab_size=64", "model.d_model=16", "model.n_layers=1",
+                         "model.mixers=[attention]", "model.attention.num_heads=2"])
+model = LanguageModel(cfg.model)
+eng, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                               config=deepspeed_config(cfg, torch.float32))
+run_dir = Path(sys.argv[1])
+checkpointer = ckpt_lib.Checkpointer(eng, run_dir, lambda s: ({"step": s}, {"rng": ckpt_lib.rng_state()}),
+                                     async_save=True)
+checkpointer.save(1)
+checkpointer.wait()
+real, written = ckpt_lib._save_hashing, []
+def slow(obj, path):  # the second file of step 2: half of it, then the process is killed
+    if written:
+        with open(path, "wb") as f:
+            f.write(b"x" * 1000)
+            f.flush()
+        (run_dir / "half_written").write_text(str(path))
+        time.sleep(600)
+    written.append(path)
+    return real(obj, path)
+ckpt_lib._save_hashing = slow
+checkpointer.save(2)
+time.sleep(600)
+"""
+
+
+def test_kill_9_during_an_async_write_leaves_the_previous_checkpoint_and_the_next_save_works(engine, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), MASTER_PORT=str(29700 + os.getpid() % 200))
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "half_written").exists():
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "the child never reached the write of step 2"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step_00000001"
+    assert ckpt_lib.find_latest(tmp_path) == root / "step_00000001"
+    ckpt_lib.verify_checksums(root / "step_00000001")
+    assert not (root / "step_00000002").exists() and (root / ckpt_lib.TMP / "step_00000002").exists()
+    # A resumed run saving step 2 again clears the torn leftover and publishes a whole checkpoint.
+    checkpointer = async_save(engine, tmp_path, 2)
+    checkpointer.save(2)
+    checkpointer.wait()
+    assert ckpt_lib.find_latest(tmp_path) == root / "step_00000002"
+    ckpt_lib.verify_checksums(root / "step_00000002")

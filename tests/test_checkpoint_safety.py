@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from pretrain import checkpoint as ckpt_lib
+from pretrain import deepspeed_io, reshard
 
 from trainer_cli import ENV, REPO, TINY, logged_steps, one_line_error, run, steps, train, tree
 
@@ -95,11 +96,11 @@ def test_every_deepspeed_read_of_a_checkpoint_goes_through_the_weights_only_load
     torch.save({"payload": RunsCode(marker)}, tmp_path / "evil.pt")
     engine = TorchCheckpointEngine()
     holder = type("Engine", (), {"checkpoint_engine": engine})()
-    ckpt_lib.load_weights_only(holder)
-    with pytest.raises(ckpt_lib.UnsafeCheckpointError, match="posix.system"):
+    deepspeed_io.load_weights_only(holder)
+    with pytest.raises(deepspeed_io.UnsafeCheckpointError, match="posix.system"):
         holder.checkpoint_engine.load(str(tmp_path / "evil.pt"), map_location=lambda storage, loc: storage)
-    with ckpt_lib.zero_to_fp32_weights_only():
-        with pytest.raises(ckpt_lib.UnsafeCheckpointError, match="posix.system"):
+    with deepspeed_io.zero_to_fp32_weights_only():
+        with pytest.raises(deepspeed_io.UnsafeCheckpointError, match="posix.system"):
             zero_to_fp32.parse_model_states([str(tmp_path / "evil.pt")])
     assert zero_to_fp32.torch is torch  # restored
     assert not marker.exists()
@@ -114,10 +115,10 @@ def test_every_zero_stage_loads_weights_only_exports_and_resumes(data_dir, tmp_p
     run_dir = tmp_path / "run"
     train(run_dir, "train.max_steps=1", f"parallel.zero_stage={stage}", data=data_dir)
     ckpt = ckpt_lib.find_latest(run_dir)
-    allowed = {f"{c.__module__}.{c.__qualname__}" for c in ckpt_lib._deepspeed_pickled_classes()}
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in deepspeed_io._deepspeed_pickled_classes()}
     for f in sorted(ckpt.glob("*.pt")):
         assert set(torch.serialization.get_unsafe_globals_in_checkpoint(f)) <= allowed, f
-        assert isinstance(ckpt_lib.load_checkpoint_file(f), dict)
+        assert isinstance(deepspeed_io.load_checkpoint_file(f), dict)
     run(["-m", "launch.export", "--checkpoint", str(run_dir), "--out", str(tmp_path / "export")])
     out = train(run_dir, "train.max_steps=2", f"parallel.zero_stage={stage}", data=data_dir).stdout
     assert "at step 1" in out
@@ -289,9 +290,9 @@ def test_a_converted_checkpoint_records_checksums(trained, tmp_path):
     run(["-m", "launch.convert_checkpoint", "--checkpoint", str(trained), "--out", str(out)])
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["sha256"]) == set(manifest["files"])
-    flip_a_byte(out / ckpt_lib.FULL_STATE)
+    flip_a_byte(out / reshard.FULL_STATE)
     proc = run(["-m", "launch.export", "--checkpoint", str(out), "--out", str(tmp_path / "e")], check=False)
-    assert f"{ckpt_lib.FULL_STATE} does not match the sha256" in one_line_error(proc, "export")
+    assert f"{reshard.FULL_STATE} does not match the sha256" in one_line_error(proc, "export")
 
 
 # ----------------------------------------------------------------------------- 7: one trainer per run dir

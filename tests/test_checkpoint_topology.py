@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from data.loader import TokenLoader
+from data.regroup import resume_loader
 from pretrain import checkpoint as ckpt_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def test_a_dp_change_continues_the_same_global_batches(data_dir, old, new):
     for loader in olds:
         loader.seek(5)  # mid-run: some batches already consumed
     state = olds[0].state_dict()
-    news = [ckpt_lib.resume_loader(TokenLoader(data_dir, 48, nmbs, dp_rank=r, dp_size=ndp, seed=7), state, nacc)
+    news = [resume_loader(TokenLoader(data_dir, 48, nmbs, dp_rank=r, dp_size=ndp, seed=7), state, nacc)
             for r in range(ndp)]
     for _ in range(3):
         expected = torch.cat([next(loader)["input_ids"] for loader in olds for _ in range(oacc)])
@@ -87,7 +88,7 @@ def test_a_global_batch_that_does_not_fit_the_layout_is_refused(data_dir):
     state = TokenLoader(data_dir, 48, 2, dp_rank=0, dp_size=2, seed=7).state_dict()
     with pytest.raises(ValueError, match=r"global batch of dp=1 x grad_accum=1 x micro_batch_size=3 = 3 rows "
                                          r"must be a multiple of 4"):
-        ckpt_lib.resume_loader(TokenLoader(data_dir, 48, 3, seed=7), state, 1)
+        resume_loader(TokenLoader(data_dir, 48, 3, seed=7), state, 1)
 
 
 # ----------------------------------------------------------------------------- kill -9
@@ -100,7 +101,9 @@ def test_kill_9_at_a_random_step_then_resume_reproduces_the_losses_bitwise(data_
     victim = tmp_path / "killed"
     kill_after = random.Random().randint(3, 7)
     print(f"killing after step {kill_after}")
-    proc = subprocess.Popen([sys.executable, "-m", "launch.train", *TINY, *steps, f"train.run_dir={victim}"],
+    # The victim saves asynchronously (the reference synchronously): a kill may land mid-write.
+    proc = subprocess.Popen([sys.executable, "-m", "launch.train", *TINY, *steps, f"train.run_dir={victim}",
+                             "train.async_save=true"],
                             cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -114,7 +117,7 @@ def test_kill_9_at_a_random_step_then_resume_reproduces_the_losses_bitwise(data_
     assert saved is not None
     resumed_at = ckpt_lib.read_trainer_state(saved)["step"]
     assert 2 <= resumed_at <= 10
-    out = train(*steps, f"train.run_dir={victim}").stdout
+    out = train(*steps, f"train.run_dir={victim}", "train.async_save=true").stdout
     assert f"at step {resumed_at}" in out
     a, b = losses(tmp_path / "full"), losses(victim)
     assert sorted(b) == list(range(1, 11))
@@ -130,10 +133,11 @@ def test_dp2_to_dp1_to_dp2_gives_the_losses_of_an_uninterrupted_dp2_run(data_dir
     common = ["train.max_steps=9", "train.save_every=3", f"data.path={data_dir}"]
     train(*common, f"train.run_dir={tmp_path / 'ref'}", nproc=2)
     run_dir = f"train.run_dir={tmp_path / 'moved'}"
-    train(*common, run_dir, "train.stop_at=3", nproc=2)
+    # the dp=2 legs save asynchronously: both ranks' background writers, rank 0 publishing
+    train(*common, run_dir, "train.stop_at=3", "train.async_save=true", nproc=2)
     out = train(*common, run_dir, "train.stop_at=6", "train.micro_batch_size=4").stdout  # dp=1
     assert "resuming from" in out and "at step 3" in out
-    train(*common, run_dir, nproc=2)
+    train(*common, run_dir, "train.async_save=true", nproc=2)
     ref, moved = losses(tmp_path / "ref"), losses(tmp_path / "moved")
     assert sorted(moved) == sorted(ref) == list(range(1, 10))
     for step in range(1, 10):
