@@ -283,7 +283,7 @@ SELFCHECK_TOL = {torch.float32: 1e-2, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 def _self_checked(q, k, v, beta, g, initial_state, reset, scale, chunk_size, strict):
     """Whether the Triton kernels passed (now or earlier in the process) the self-check for the
     shape class of this call: a slice of one batch row, every head, 2+ chunks and a ragged tail."""
-    B, T, n_h, H, dk, dv = k.shape[0], k.shape[1], k.shape[2], k.shape[3], k.shape[4], v.shape[-1]
+    n_h, H, dk, dv = k.shape[2], k.shape[3], k.shape[4], v.shape[-1]
     shape_class = (f"H={H}", f"dk={dk}", f"dv={dv}", f"n_h={n_h}", f"chunk={chunk_size}",
                    f"qkv={q.dtype}", f"beta={beta.dtype}", f"gate={None if g is None else g.dtype}",
                    f"initial_state={initial_state is not None}", f"reset={reset is not None}")

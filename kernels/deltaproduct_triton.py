@@ -183,7 +183,7 @@ def _forward(q, k, v, beta, gamma, seg, initial_state, scale, lc):
 
 def _backward(q, k, v, beta, gamma, seg, Tm, Wk, W, S_start, do, dfinal, scale, lc):
     dev = k.device
-    BH, Lp, NC, C = lc.BH, lc.Lp, lc.NC, lc.C
+    BH, Lp, NC = lc.BH, lc.Lp, lc.NC
     f32 = dict(dtype=torch.float32, device=dev)
     sd = dict(dtype=lc.store_dtype, device=dev)
     dWl = torch.empty(BH, Lp, lc.dv, **sd)

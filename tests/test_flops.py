@@ -18,7 +18,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kernels.deltaproduct import _to_chunks, deltaproduct_chunkwise, deltaproduct_naive
 from kernels.pararnn import ParaGRUCell, ParaLSTMCell
-from pretrain.config import ModelConfig
 from pretrain.flops import (PARARNN_CELL_OPS, attention_score_flops, deltaproduct_chunk_macs,
                             deltaproduct_recurrence_flops, mixer_flops, model_flops_per_token,
                             pararnn_solver_flops)

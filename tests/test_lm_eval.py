@@ -4,7 +4,6 @@ extra, not in CI's test extra: it pulls datasets, pandas, scipy, scikit-learn), 
 on three small tasks defined by local files (multiple choice, rolling loglikelihood, generation)."""
 import json
 import math
-import os
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace

@@ -170,7 +170,7 @@ def check_deepspeed_grad_norm(dims, out):
 
     skip_cpu_shm_build()  # no JIT build of DeepSpeed's CPU shm op (as the trainer)
     deepspeed.init_distributed(dist_backend="gloo")
-    group, n, r = dims.tp_group, dims.tp, dims.tp_rank
+    group = dims.tp_group
     torch.manual_seed(5)
     mlp_in = nn.Linear(6, 8, bias=False).double()
     mlp_out = nn.Linear(8, 6, bias=True).double()
