@@ -27,6 +27,7 @@ Summaries compose associatively: ``(M2, E2) ∘ (M1, E1) = (M2 M1, M2 E1 + E2)``
 import torch
 
 from kernels import selfcheck
+from kernels.backend import use_triton
 
 __all__ = [
     "deltaproduct",
@@ -249,21 +250,18 @@ def deltaproduct(q, k, v, beta, g=None, scale=None, initial_state=None, reset=No
     on CUDA a failed self-check is then an error. backend="torch" forces the chunkwise form.
     Both return (o, final_state fp32).
     """
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    triton_ok = use_triton(backend, q, "deltaproduct")  # kernels/backend.py: the rule of every op
     _check_chunk_size(chunk_size)
     on_gpu = q.is_cuda or selfcheck.forced_on_cpu()
     if backend == "auto":
-        use_triton = (on_gpu and q.dtype != torch.float64 and chunk_size in (16, 32, 64)
-                      and 16 <= k.shape[-1] <= 256 and v.shape[-1] >= 16 and _triton_available())
-    else:
-        use_triton = backend == "triton"
-    if use_triton:
+        triton_ok = (triton_ok and q.dtype != torch.float64 and chunk_size in (16, 32, 64)
+                     and 16 <= k.shape[-1] <= 256 and v.shape[-1] >= 16)
+    if triton_ok:
         _check_shapes(q, k, v, beta, g, initial_state, reset)
         if on_gpu:
-            use_triton = _self_checked(q, k, v, beta, g, initial_state, reset, scale, chunk_size,
+            triton_ok = _self_checked(q, k, v, beta, g, initial_state, reset, scale, chunk_size,
                                        strict=backend == "triton")
-    if use_triton and k.shape[1] > 0:
+    if triton_ok and k.shape[1] > 0:
         from kernels.deltaproduct_triton import deltaproduct_triton
 
         return deltaproduct_triton(q, k, v, beta, g=g, scale=scale, initial_state=initial_state,
@@ -322,14 +320,6 @@ def _self_checked(q, k, v, beta, g, initial_state, reset, scale, chunk_size, str
         return max(selfcheck.relative_error(a, b) for a, b in zip(*results))
 
     return selfcheck.kernel_allowed("deltaproduct", shape_class, check, SELFCHECK_TOL.get(q.dtype, 1e-2), strict)
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install on a machine without a GPU driver
-        return False
-    return True
 
 
 def deltaproduct_summary(k, v, beta, g=None, reset=None, chunk_size=64):

@@ -33,7 +33,8 @@ import warnings
 import torch
 
 from kernels import selfcheck
-from kernels.scan import linear_scan, use_triton
+from kernels.backend import use_triton
+from kernels.scan import linear_scan
 
 # ---------------------------------------------------------------------------------------------
 # Cells. step() and jacobian() take h_prev [B,T,*state] (or any leading dims) and u [B,T,3,D].
@@ -232,7 +233,7 @@ class _NewtonSolve(torch.autograd.Function):
 
 
 def _newton(cell, u, params, h0, reset, num_iters, tol, max_iters, damping, linear_solve, boundary, name,
-            backend=None):
+            backend="auto"):
     if u.dim() != 4 or u.shape[2] != 3:
         raise ValueError(f"{name}: u must be [B,T,3,D] pre-activations; got {tuple(u.shape)}")
     B, T, _, D = u.shape
@@ -259,7 +260,7 @@ def _newton(cell, u, params, h0, reset, num_iters, tol, max_iters, damping, line
     fused = use_triton(backend, u, name) and (fusable or backend == "triton")
     if fused and not fusable:
         raise ValueError(f"{name}: backend='triton' runs the fused kernels, which take neither a "
-                         f"custom linear_solve nor a boundary; pass backend=None or 'torch'")
+                         f"custom linear_solve nor a boundary; pass backend='auto' or 'torch'")
     if fused and (u.is_cuda or selfcheck.forced_on_cpu()):
         fused = _self_checked(cell, name, u, params, h0, reset, damping, strict=backend == "triton")
     if fused:
@@ -323,7 +324,7 @@ def _self_checked(cell, name, u, params, h0, reset, damping, strict):
 
 
 def paragru(u, a, h0=None, reset=None, num_iters=3, tol=None, max_iters=None, damping=None,
-            linear_solve=linear_scan, boundary=None, *, backend=None):
+            linear_solve=linear_scan, boundary=None, *, backend="auto"):
     """ParaGRU over a whole sequence by Newton.
 
     u: pre-activations [B,T,3,D] (z, r, h); a: recurrent diagonal weights [3,D]; h0: [B,D] or None;
@@ -353,7 +354,7 @@ def paragru(u, a, h0=None, reset=None, num_iters=3, tol=None, max_iters=None, da
 
 
 def paralstm(u, a, p, state0=None, reset=None, num_iters=3, tol=None, max_iters=None, damping=None,
-             linear_solve=linear_scan, boundary=None, *, backend=None):
+             linear_solve=linear_scan, boundary=None, *, backend="auto"):
     """ParaLSTM over a whole sequence by Newton.
 
     u: pre-activations [B,T,3,D] (f, c, o); a: [3,D] (a_f, a_c, a_o); p: peepholes [2,D] (p_f, p_o);

@@ -21,13 +21,10 @@ Precision: bf16/fp16/fp32 inputs are computed and returned in fp32; fp64 inputs 
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import torch
 
 from kernels import selfcheck
+from kernels.backend import use_triton
 
 DEFAULT_CHUNK_SIZE = 16  # measured on CPU: 16 slightly faster than 32 or 64 at T=4096
 
@@ -143,35 +140,8 @@ def _check_shapes(A, b, h0, reset, block):
         raise ValueError(f"linear_scan: reset must be [B,T] = {tuple(b.shape[:2])}; got {tuple(reset.shape)}")
 
 
-BACKENDS = (None, "torch", "triton")
-
-
-def use_triton(backend, tensor: torch.Tensor, name: str) -> bool:
-    """The backend rule for every op in kernels/: backend=None picks Triton iff the tensor is on
-    CUDA and triton imports, else the torch reference; "torch" / "triton" force one. Forcing
-    Triton on CPU tensors needs TRITON_INTERPRET=1 (the tests' way of running the kernels)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"{name}: backend must be one of {BACKENDS}; got {backend!r}")
-    if backend == "torch":
-        return False
-    available = importlib.util.find_spec("triton") is not None
-    if backend is None:
-        return available and (tensor.is_cuda or selfcheck.forced_on_cpu())
-    if not available:
-        raise ValueError(f"{name}: backend='triton' but triton is not installed")
-    if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and not _compile_only():
-        raise ValueError(f"{name}: backend='triton' on {tensor.device} tensors needs TRITON_INTERPRET=1")
-    return True
-
-
-def _compile_only() -> bool:
-    """Inside kernels.offline_compile.compile_only(): launches compile for a GPU and run nothing."""
-    module = sys.modules.get("kernels.offline_compile")
-    return module is not None and module.compile_only_active()
-
-
 def linear_scan(A, b, h0=None, reset=None, reverse=False, return_summary=False, *, chunk_size=DEFAULT_CHUNK_SIZE,
-                backend=None):
+                backend="auto"):
     """Solve h_t = A_t h_{t-1} + b_t for all t (time is dim 1).
 
     A: [B,T,D] (diagonal) or [B,T,D,2,2] (2x2 blocks); b: [B,T,D] or [B,T,D,2].
@@ -186,7 +156,7 @@ def linear_scan(A, b, h0=None, reset=None, reverse=False, return_summary=False, 
         (A_{T-1}...A_0 forward, A_0...A_{T-1} reverse; resets included) and the end state from a
         zero start (ignores h0), so the true end state is P h0 + h_end.
 
-    backend: None (Triton for CUDA tensors, this reference otherwise), "torch" or "triton"; see
+    backend: "auto" (Triton for CUDA tensors, this reference otherwise), "torch" or "triton"; see
         use_triton. The Triton kernel records no autograd graph, so a call that needs one (grad
         enabled and an input requiring grad) runs here; with backend="triton" it is an error.
 
@@ -202,7 +172,7 @@ def linear_scan(A, b, h0=None, reset=None, reverse=False, return_summary=False, 
             return linear_scan_triton(A, b, h0, reset, reverse, return_summary)
         if backend == "triton":
             raise ValueError("linear_scan: backend='triton' is forward-only; inputs require grad "
-                             "(use backend=None or 'torch', or call under torch.no_grad())")
+                             "(use backend='auto' or 'torch', or call under torch.no_grad())")
     block = A.dim() == b.dim() + 1
     _check_shapes(A, b, h0, reset, block)
     if chunk_size < 2:

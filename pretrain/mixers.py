@@ -192,8 +192,7 @@ class ParaRNNMixer(nn.Module):
 
     def solver_kwargs(self):
         c = self.rnn_cfg
-        backend = None if self.kernel_backend == "auto" else self.kernel_backend
-        return dict(num_iters=c.num_iters, tol=c.tol, max_iters=c.max_iters, damping=c.damping, backend=backend,
+        return dict(num_iters=c.num_iters, tol=c.tol, max_iters=c.max_iters, damping=c.damping, backend=self.kernel_backend,
                     **self.solver_extra)
 
 

@@ -99,5 +99,5 @@ def test_dispatch_forced_triton_and_default_cpu(monkeypatch):
     monkeypatch.setattr(kernels.scan_triton, "linear_scan_triton", None)
     h_cpu = linear_scan(A.detach(), b, h0, reset, reverse=True)
     assert_close_rel(h_cpu, linear_scan_sequential(A.double(), b.double(), h0.double(), reset, reverse=True))
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="backend must be 'auto', 'triton' or 'torch'"):
         linear_scan(A.detach(), b, backend="cuda")

@@ -134,7 +134,7 @@ def test_linear_scan_self_check_passes_and_catches_a_fault(monkeypatch, capfd):
     A, b = 0.9 * torch.rand(2, 37, 8, generator=gen), torch.randn(2, 37, 8, generator=gen)
     want = linear_scan(A, b, backend="torch")
     with selfcheck.force_on_cpu():
-        got = linear_scan(A, b)  # backend=None: the kernel, after its self-check
+        got = linear_scan(A, b)  # backend="auto": the kernel, after its self-check
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert [v.ok for v in selfcheck.report()] == [True]
 
