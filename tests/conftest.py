@@ -16,6 +16,14 @@ def cli_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def hybrid_data(tmp_path_factory):
+    """A larger prepared corpus (vocab 512, 400 kB of text) for the runs of trainer_cli.HYBRID_TINY."""
+    from trainer_cli import prepare
+
+    return prepare(tmp_path_factory.mktemp("hybrid_data") / "corpus", max_bytes=400_000)
+
+
+@pytest.fixture(scope="session")
 def cli_trained(cli_data, tmp_path_factory):
     """A run of 2 steps of trainer_cli.TINY with a checkpoint at each; tests work on copies of it."""
     from trainer_cli import train

@@ -1,6 +1,5 @@
 """Resume after kill -9 (bitwise), across a dp change (dp=2 -> 1 -> 2) and a tp change (tp=2 ->
 tp=1 through launch.convert_checkpoint), and the export of a tp=2 checkpoint. CPU, fp32, gloo."""
-import json
 import os
 import random
 import signal
@@ -15,23 +14,13 @@ import torch
 from data.loader import TokenLoader
 from data.regroup import resume_loader
 from pretrain import checkpoint as ckpt_lib
+from trainer_cli import ENV, HYBRID_TINY, losses, run
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.d_model=48", "model.mixers=[paragru,deltaproduct,attention]", "model.n_layers=3",
-        "model.paragru.num_heads=2", "model.deltaproduct.num_heads=2", "model.deltaproduct.head_dim=16",
-        "model.attention.num_heads=2", "model.vocab_size=512", "data.seq_len=48", "train.micro_batch_size=2",
-        "train.warmup_steps=2", "logging.log_every=1", "logging.progress=false", "logging.wandb.mode=disabled"]
+TINY = HYBRID_TINY
 # Another dp size or tp degree changes the order of float reductions (all-reduce over ranks,
 # a sum split over vocab shards); measured |rel diff| <= 1e-7 after 3 steps, asserted at 1e-5.
 REL_TOL = 1e-5
-ENV = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
-
-
-def run(args, timeout=600):
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
-    if proc.returncode != 0:
-        raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def train(*overrides, nproc=1, timeout=600):
@@ -39,21 +28,9 @@ def train(*overrides, nproc=1, timeout=600):
     return run([*launcher, "-m", "launch.train", *TINY, *overrides], timeout=timeout)
 
 
-def losses(run_dir):
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
-
-
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "corpus"
-    run(["-m", "launch.prepare_data", "--out", str(out), "--vocab-size", "512", "--max-bytes", "400000",
-         "--shard-tokens", "16384", "--no-progress"])
-    return out
+def data_dir(hybrid_data):
+    return hybrid_data
 
 
 # ----------------------------------------------------------------------------- the data rule

@@ -1,41 +1,20 @@
 """End to end on CPU, fp32: train, stop, resume in a new process, export, reload; bad input."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from trainer_cli import HYBRID_TINY, losses, run
+
 REPO = Path(__file__).resolve().parents[1]
 N_STEPS = 6
-TINY = ["model.d_model=48", "model.mixers=[paragru,deltaproduct,attention]", "model.n_layers=3",
-        "model.paragru.num_heads=2", "model.deltaproduct.num_heads=2", "model.deltaproduct.head_dim=16",
-        "model.attention.num_heads=2", "model.vocab_size=512", "data.seq_len=48",
-        "train.micro_batch_size=2", "train.grad_accum=2", f"train.max_steps={N_STEPS}", "train.warmup_steps=2",
-        "train.save_every=100", "logging.log_every=1", "logging.progress=false", "logging.wandb.mode=disabled"]
-
-
-def run(args, timeout=300, check=True):
-    env = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin",
-           "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+TINY = [*HYBRID_TINY, "train.grad_accum=2", f"train.max_steps={N_STEPS}", "train.save_every=100"]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "corpus"
-    run(["-m", "launch.prepare_data", "--out", str(out), "--vocab-size", "512", "--max-bytes", "400000",
-         "--shard-tokens", "16384", "--no-progress"])
-    return out
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+def data_dir(hybrid_data):
+    return hybrid_data
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,13 @@ TINY = ["model.d_model=32", "model.mixers=[attention]", "model.n_layers=1", "mod
         "logging.log_every=1", "logging.progress=false", "logging.wandb.mode=disabled"]
 
 
+# Three layers, one of each mixer (test_end_to_end, test_checkpoint_topology, test_slurm).
+HYBRID_TINY = ["model.d_model=48", "model.mixers=[paragru,deltaproduct,attention]", "model.n_layers=3",
+               "model.paragru.num_heads=2", "model.deltaproduct.num_heads=2", "model.deltaproduct.head_dim=16",
+               "model.attention.num_heads=2", "model.vocab_size=512", "data.seq_len=48", "train.micro_batch_size=2",
+               "train.warmup_steps=2", "logging.log_every=1", "logging.progress=false", "logging.wandb.mode=disabled"]
+
+
 def run(args, check=True, timeout=300, env=None):
     proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**ENV, **(env or {})})
@@ -30,9 +37,19 @@ def train(run_dir, *overrides, data, check=True, env=None, timeout=300):
                check=check, env=env, timeout=timeout)
 
 
-def prepare(out: Path) -> Path:
-    run(["-m", "launch.prepare_data", "--out", str(out), "--vocab-size", "512", "--max-bytes", "200000",
+def prepare(out: Path, max_bytes: int = 200_000) -> Path:
+    run(["-m", "launch.prepare_data", "--out", str(out), "--vocab-size", "512", "--max-bytes", str(max_bytes),
          "--shard-tokens", "16384", "--no-progress"])
+    return out
+
+
+def losses(run_dir) -> dict[int, float]:
+    """step -> logged training loss (val_loss records and others are skipped)."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
     return out
 
 
