@@ -154,7 +154,8 @@ class TokenLoader:
     """An endless iterator of dicts: input_ids, labels (LongTensor [batch_size, seq_len]) and
     doc_start (BoolTensor: input token t begins a document, i.e. the token before it is EOS).
 
-    `data` is a prepared directory, or a mix: a list of "path:weight" strings, (path, weight)
+    `data` is a prepared directory (or its http(s) base URL, or a pipe: command template; see
+    data/sources.py), or a mix: a list of "path:weight" strings, (path, weight)
     pairs or {"path", "weight"} dicts whose manifests share one tokenizer. split "val" deals
     windows (not shards) to the ranks unless deal says otherwise. num_workers > 0 assembles
     batches in that many processes (same batches) through a torch DataLoader with that
@@ -198,7 +199,7 @@ class TokenLoader:
                         f"{s.manifest['tokenizer_sha256'][:12]}, {first.data_dir} with "
                         f"{first.manifest['tokenizer_sha256'][:12]}; prepare every mixed dataset with "
                         f"one tokenizer (python -m launch.prepare_data --tokenizer "
-                        f"{first.data_dir / first.manifest['tokenizer']} ...)")
+                        f"{first.source.location(first.manifest['tokenizer'])} ...)")
             schedule = MixSchedule([w for _, w in self.mix], seed)
         self._sources = sources
         self._assemble = BatchAssembler(sources, schedule, batch_size)
@@ -228,8 +229,9 @@ class TokenLoader:
         return self.manifest["eos_id"]
 
     @property
-    def tokenizer_path(self) -> Path:
-        return self.data_dir / self.manifest["tokenizer"]
+    def tokenizer_path(self) -> Path | str:
+        """The tokenizer beside the shards (a URL or a pipe: command for a remote source)."""
+        return self._sources[0].source.location(self.manifest["tokenizer"])
 
     @property
     def tokenizer_checksum(self) -> str:

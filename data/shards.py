@@ -10,6 +10,10 @@ A prepared directory holds:
 A split's token stream is its documents in order, each followed by EOS, cut into shards.
 `starts_document` of a shard says whether its first token begins a document (the previous
 shard ended with EOS, or it is the split's first shard).
+
+The directory may also be served from elsewhere (data/sources.py: an http(s) base URL or a pipe:
+command): the manifest and the shards are then streamed, a shard's tar read member by member
+while its bytes are hashed, never stored whole on local disk.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
+
+from data.sources import Source, SourceError, open_source
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
@@ -96,9 +102,81 @@ def read_shard(path: Path, sha256: str, dtype: np.dtype, tokens: int, verified: 
                      for m in tar.getmembers() if m.isfile() and m.name.endswith(".npy")]
     except (tarfile.TarError, ValueError, OSError) as e:
         raise ShardError(f"shard {path} cannot be decoded ({e})") from None
+    return _checked_tokens(parts, path, dtype, tokens)
+
+
+def load_shard(source: Source, entry: dict, dtype: np.dtype, verified: dict | None = None) -> np.ndarray:
+    """The tokens of the manifest `entry`'s shard in `source`: read_shard for a local directory,
+    stream_shard for a URL or a pipe command."""
+    if not source.remote:
+        return read_shard(source.location(entry["file"]), entry["sha256"], dtype, entry["tokens"], verified)
+    return stream_shard(source, entry["file"], entry["sha256"], dtype, entry["tokens"])
+
+
+class _Hashing:
+    """A read-only stream that hashes what passes through it."""
+
+    def __init__(self, raw):
+        self.raw, self.sha = raw, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+class _Reader:
+    def __init__(self, read):
+        self.read = read
+
+
+def _decode_stream(stream: _Hashing) -> list[np.ndarray]:
+    """The .npy members of a tar read front to back (nothing seeks back, nothing is buffered whole)."""
+    parts = []
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for m in tar:
+            if m.isfile() and m.name.endswith(".npy"):
+                # read_array reads a plain read()-only object in bounded chunks (a file-like
+                # object would make it ask for fileno(), which a tar member has none of).
+                member = _Reader(tar.extractfile(m).read)
+                parts.append(np.lib.format.read_array(member, allow_pickle=False))
+    return parts
+
+
+def stream_shard(source: Source, file: str, sha256: str, dtype: np.dtype, tokens: int) -> np.ndarray:
+    """A remote shard's tokens, decoded while its bytes stream in and are hashed (so every read is
+    verified; the bytes are held only as the token array). Errors name the shard and where it is."""
+    where = source.location(file)
+
+    def consume(raw) -> tuple[list[np.ndarray] | None, str | None, str]:
+        stream = _Hashing(raw)
+        try:
+            parts, why = _decode_stream(stream), None
+        except (tarfile.TarError, ValueError, EOFError) as e:
+            parts, why = None, str(e) or type(e).__name__
+        stream.drain()  # the tar's end padding, or the rest after a decode error: all is hashed
+        return parts, why, stream.sha.hexdigest()
+
+    try:
+        parts, why, got = source.read(file, consume)
+    except SourceError as e:
+        raise ShardError(f"shard {file}: {e}") from None
+    if got != sha256:
+        raise ShardError(f"shard {where} is corrupt: its sha256 does not match manifest.json; the source holds "
+                         f"another file than its manifest lists (copy the prepared directory there again)")
+    if parts is None:
+        raise ShardError(f"shard {where} cannot be decoded ({why})")
+    return _checked_tokens(parts, where, dtype, tokens)
+
+
+def _checked_tokens(parts: list[np.ndarray], where, dtype: np.dtype, tokens: int) -> np.ndarray:
     arr = np.concatenate(parts) if parts else np.empty(0, dtype)
     if arr.dtype != dtype or arr.ndim != 1 or len(arr) != tokens:
-        raise ShardError(f"shard {path} holds {len(arr)} {arr.dtype} tokens, manifest.json "
+        raise ShardError(f"shard {where} holds {len(arr)} {arr.dtype} tokens, manifest.json "
                          f"says {tokens} {dtype}")
     return arr
 
@@ -161,25 +239,36 @@ def empty_split_reason(manifest: dict) -> str:
     return f"its {manifest.get('documents', 0):,} documents at --val-fraction {frac} put none in it"
 
 
-def load_manifest(data_dir: str | os.PathLike) -> tuple[dict, str]:
-    """(manifest, sha256 of its bytes). Missing directory or manifest: FileNotFoundError that
-    says what to run."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"data directory {data_dir} does not exist; create it with: "
-                                f"{prepare_hint(data_dir)}")
-    path = data_dir / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{data_dir} has no {MANIFEST} (no finished prepare run); "
-                                f"run: {prepare_hint(data_dir)}")
-    data = path.read_bytes()
+def load_manifest(data_dir) -> tuple[dict, str]:
+    """(manifest, sha256 of its bytes) of a prepared directory, URL or pipe: source. Missing
+    directory or manifest, unreachable URL, failing command: FileNotFoundError that says what to do."""
+    source = open_source(data_dir)
+    if not source.remote:
+        data_dir = source.path
+        if not data_dir.is_dir():
+            raise FileNotFoundError(f"data directory {data_dir} does not exist; create it with: "
+                                    f"{prepare_hint(data_dir)}")
+        path = data_dir / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{data_dir} has no {MANIFEST} (no finished prepare run); "
+                                    f"run: {prepare_hint(data_dir)}")
+        data = path.read_bytes()
+        hint = f"re-run {prepare_hint(data_dir)}"
+    else:
+        path = source.location(MANIFEST)
+        try:
+            data = source.read_bytes(MANIFEST)
+        except SourceError as e:
+            raise SourceError(f"{e}; the data must be a prepared directory, its base URL (with "
+                              f"BASE/{MANIFEST}) or a pipe: command that prints DIR/{{file}}") from None
+        hint = f"serve a directory written by {prepare_hint('DIR')} there"
     try:
         manifest = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-run {prepare_hint(data_dir)}") from None
+        raise ValueError(f"{path} is not valid JSON ({e}); {hint}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} manifest; re-run {prepare_hint(data_dir)}")
+        raise ValueError(f"{path} is not a {FORMAT} manifest; {hint}")
     if manifest.get("version") != VERSION:
         raise ValueError(f"{path} has format version {manifest.get('version')}, this code reads "
-                         f"version {VERSION}; re-run {prepare_hint(data_dir)}")
+                         f"version {VERSION}; {hint}")
     return manifest, bytes_sha256(data)

@@ -24,11 +24,11 @@ that shard repeat that epoch).
 from __future__ import annotations
 
 import collections
-from pathlib import Path
 
 import numpy as np
 
-from data.shards import SPLITS, ShardError, empty_split_reason, load_manifest, read_shard
+from data.shards import SPLITS, ShardError, empty_split_reason, load_manifest, load_shard
+from data.sources import open_source
 
 _CACHED_SHARDS = 2  # a batch may span two shards
 BAD_SHARD_POLICIES = ("error", "skip")
@@ -39,12 +39,13 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(list(key))
 
 
-# Shards hashed by this process (data.shards.read_shard): each is verified once per process.
+# Local shards hashed by this process (data.shards.read_shard): each is verified once per process
+# (a streamed shard is hashed as it streams, every time it is read).
 _VERIFIED: dict = {}
 
 
 class ShardWindows:
-    """Windows of one split of one prepared directory for one dp rank."""
+    """Windows of one split of one prepared directory (or URL, or pipe: source) for one dp rank."""
 
     def __init__(self, data_dir, seq_len: int, batch_size: int, split: str = "train",
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0, deal: str = "shards",
@@ -55,8 +56,9 @@ class ShardWindows:
             raise ValueError(f"deal {deal!r} is not one of {', '.join(DEALS)}")
         if on_bad_shard not in BAD_SHARD_POLICIES:
             raise ValueError(f"on_bad_shard {on_bad_shard!r} is not one of {', '.join(BAD_SHARD_POLICIES)}")
-        self.data_dir = Path(data_dir)
-        self.manifest, self.manifest_sha256 = load_manifest(self.data_dir)
+        self.source = open_source(data_dir)
+        self.data_dir = self.source.root  # a Path, or the URL / pipe: spec as given
+        self.manifest, self.manifest_sha256 = load_manifest(self.source)
         self.seq_len, self.split, self.seed = seq_len, split, seed
         self.dp_rank, self.dp_size, self.deal, self.on_bad_shard = dp_rank, dp_size, deal, on_bad_shard
         self.eos_id = self.manifest["eos_id"]
@@ -120,13 +122,12 @@ class ShardWindows:
         if entry["file"] in self.bad_shards:
             return None
         try:
-            tokens = read_shard(self.data_dir / entry["file"], entry["sha256"], self.dtype, entry["tokens"],
-                                verified=_VERIFIED)
+            tokens = load_shard(self.source, entry, self.dtype, verified=_VERIFIED)
         except ShardError as e:
             if self.on_bad_shard == "error":
                 raise
             self.bad_shards[entry["file"]] = str(e)
-            self.new_bad_shards.append(str(self.data_dir / entry["file"]))
+            self.new_bad_shards.append(str(self.source.location(entry["file"])))
             return None
         self._cache[shard] = tokens
         if len(self._cache) > _CACHED_SHARDS:

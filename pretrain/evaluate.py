@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from data.corpus import iter_documents
-from data.shards import empty_split_reason, load_manifest, read_shard
+from data.shards import empty_split_reason, load_manifest, load_shard
+from data.sources import open_source
 from data.tokenizer import Tokenizer
 from pretrain.config import ConfigError
 from pretrain.export import export, is_export, load_exported
@@ -52,8 +53,9 @@ def load_model(path: str | Path, device) -> tuple[torch.nn.Module, Tokenizer, di
         return model, Tokenizer(out / "tokenizer.model"), meta
 
 
-def split_tokens(data_dir: str | Path, split: str, tokenizer: Tokenizer) -> np.ndarray:
-    """The whole token stream of a prepared split, after checking it was made by this tokenizer."""
+def split_tokens(data_dir, split: str, tokenizer: Tokenizer) -> np.ndarray:
+    """The whole token stream of a prepared split (a directory, URL or pipe: source), after checking
+    it was made by this tokenizer."""
     manifest, _ = load_manifest(data_dir)
     if manifest.get("tokenizer_sha256") != tokenizer.checksum:
         raise ConfigError(f"{data_dir} was tokenised by another tokenizer than the model's; evaluate on "
@@ -66,8 +68,8 @@ def split_tokens(data_dir: str | Path, split: str, tokenizer: Tokenizer) -> np.n
         raise ConfigError(f"split {split!r} of {data_dir} is empty{why}; evaluate --split train, pass --text "
                           f"files, or prepare the data with a larger --val-fraction")
     dtype = np.dtype(manifest["dtype"])
-    return np.concatenate([read_shard(Path(data_dir) / s["file"], s["sha256"], dtype, s["tokens"])
-                           for s in shards]).astype(np.int64)
+    source = open_source(data_dir)
+    return np.concatenate([load_shard(source, s, dtype) for s in shards]).astype(np.int64)
 
 
 def text_tokens(files, tokenizer: Tokenizer, text_field: str = "text") -> np.ndarray:

@@ -10,15 +10,20 @@ written beside --out and renamed into place, never replacing anything but an ear
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from data.mixing import parse_mix
+from data.shards import TOKENIZER
+from data.sources import SourceError, open_source
 from pretrain import checkpoint as ckpt_lib
 from pretrain import deepspeed_io, reshard
 from pretrain.config import ConfigError, model_config_from_dict
@@ -102,18 +107,42 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", for
     out_dir = check_replaceable(out_dir, is_ours, what)  # before any work
     ckpt = resolve_checkpoint(checkpoint)
     trainer_state = ckpt_lib.read_trainer_state(ckpt)
-    model_cfg = trainer_state["config"]["model"]
     topology = trainer_state.get("topology", {})
     if topology.get("tp", 1) > 1 and "shard_specs" not in trainer_state and trainer_state.get("layout") != "full":
         raise ConfigError(f"{ckpt} (parallel.tp={topology['tp']}) does not record how its weights are sharded "
                           f"(an older checkpoint); resume it for one step with this version to re-save it")
-    tokenizer = Path(trainer_state["config"]["data"]["path"]) / "tokenizer.model"
-    if not tokenizer.is_file():
-        raise ConfigError(f"the tokenizer {tokenizer} recorded by the checkpoint is missing; "
-                          f"the export needs it beside the weights")
-    if _sha256(tokenizer) != trainer_state["tokenizer_checksum"]:
-        raise ConfigError(f"{tokenizer} is not the tokenizer this checkpoint was trained with (checksum differs)")
+    with run_tokenizer(trainer_state) as tokenizer:
+        return _write_export(ckpt, trainer_state, tokenizer, out_dir, dtype, format)
 
+
+@contextlib.contextmanager
+def run_tokenizer(trainer_state: dict):
+    """The tokenizer.model beside the run's data (data.path, or the first data.mix entry) as a local
+    file, checked against the checkpoint's checksum; a URL's or pipe: command's is fetched to a
+    temporary file for the time of the export."""
+    data = trainer_state["config"]["data"]
+    spec = parse_mix(data["mix"])[0][0] if data.get("mix") else data["path"]
+    source = open_source(spec)
+    with tempfile.TemporaryDirectory(prefix="export-tokenizer-") as tmp:
+        if not source.remote:
+            tokenizer = source.location(TOKENIZER)
+            if not tokenizer.is_file():
+                raise ConfigError(f"the tokenizer {tokenizer} recorded by the checkpoint is missing; "
+                                  f"the export needs it beside the weights")
+        else:
+            try:
+                tokenizer = source.fetch(TOKENIZER, Path(tmp) / TOKENIZER)
+            except SourceError as e:
+                raise ConfigError(f"the tokenizer recorded by the checkpoint cannot be fetched ({e}); "
+                                  f"the export needs it beside the weights") from None
+        if _sha256(tokenizer) != trainer_state["tokenizer_checksum"]:
+            raise ConfigError(f"{source.location(TOKENIZER)} is not the tokenizer this checkpoint was trained "
+                              f"with (checksum differs)")
+        yield tokenizer
+
+
+def _write_export(ckpt: Path, trainer_state: dict, tokenizer: Path, out_dir: Path, dtype: str, format: str) -> Path:
+    model_cfg = trainer_state["config"]["model"]
     state = consolidated_state_dict(ckpt)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     if format == "hf":
