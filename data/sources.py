@@ -1,9 +1,9 @@
 """Where a prepared corpus is read from: `data.path` (or a data.mix entry) names one of
 
-  a local directory        data/mycorpus                  files read from disk, as written by prepare
-  an http(s) base URL      https://host/corpora/mycorpus  BASE/manifest.json, BASE/<file>
-  a pipe: command template pipe:aws s3 cp s3://b/c/{file} -   `{file}` replaced by the manifest-relative
-                                                          file name; the command writes it to stdout
+  a local directory         data/mycorpus                     the files, as prepare wrote them
+  an http(s) base URL       https://host/corpora/mycorpus     BASE/manifest.json, BASE/<file>
+  a pipe: command template  pipe:aws s3 cp s3://b/c/{file} -  {file}: a manifest-relative file
+                                                              name; the command prints the file
 
 (pipe: as in webdataset). A remote file is opened as a stream (`Source.open`) and read once front to
 back: nothing is written to local disk. File names are checked against NAME before they reach a URL
@@ -45,10 +45,6 @@ class TransientError(SourceError):
     """An HTTP failure worth retrying (Source.read does)."""
 
 
-def is_remote(spec) -> bool:
-    return isinstance(spec, str) and (spec.startswith(("http://", "https://", "pipe:")))
-
-
 def open_source(spec) -> "Source":
     """The Source that `spec` (a path, an http(s) URL or a pipe: template) names."""
     if isinstance(spec, Source):
@@ -71,7 +67,8 @@ class Source:
         return str(self.root)
 
     def location(self, name: str) -> str | Path:
-        """Where the file `name` is read from (a path, a URL, the command), for messages."""
+        """Where the file `name` is read from (a path, a URL, the command), for messages; only
+        open() lets a name through, after checking it."""
         raise NotImplementedError
 
     def open(self, name: str):
@@ -139,6 +136,24 @@ def _why(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
+class _Counted:
+    """An HTTP body that raises TransientError when it ends before its Content-Length (http.client's
+    read(n) returns b"" then, as if the file had ended)."""
+
+    def __init__(self, response, url: str):
+        self.response, self.url, self.got = response, url, 0
+        length = response.headers.get("Content-Length")
+        self.length = int(length) if length and length.isdigit() else None
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.response.read(n if n is not None and n >= 0 else None)
+        self.got += len(data)
+        if not data and n != 0 and self.length is not None and self.got < self.length:
+            raise TransientError(f"reading {self.url} failed: connection closed after {self.got} of "
+                                 f"{self.length} bytes")
+        return data
+
+
 class HttpSource(Source):
     def __init__(self, url: str):
         self.root = url
@@ -148,11 +163,11 @@ class HttpSource(Source):
                               f"https://host/corpora/mycorpus (manifest.json at BASE/manifest.json)")
 
     def location(self, name: str) -> str:
-        return f"{self.base}/{urllib.parse.quote(_check_name(name))}"
+        return f"{self.base}/{urllib.parse.quote(name)}"
 
     @contextlib.contextmanager
     def open(self, name: str):
-        url = self.location(name)
+        url = self.location(_check_name(name))
         try:
             response = urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
@@ -160,7 +175,7 @@ class HttpSource(Source):
             raise error(f"cannot read {url}: {_why(e)}") from None
         with response:
             try:
-                yield response
+                yield _Counted(response, url)
             except (OSError, http.client.HTTPException) as e:
                 if isinstance(e, SourceError):
                     raise
@@ -188,15 +203,12 @@ class PipeSource(Source):
             raise SourceError(f"data source {spec!r} has no {{file}} in its command; write e.g. "
                               f"'pipe:aws s3 cp s3://bucket/corpus/{{file}} -' (the command prints the file)")
 
-    def command(self, name: str) -> str:
-        return self.template.replace("{file}", _check_name(name))
-
     def location(self, name: str) -> str:
-        return f"pipe:{self.command(name)}"
+        return f"pipe:{self.template.replace('{file}', name)}"
 
     @contextlib.contextmanager
     def open(self, name: str):
-        command = self.command(name)
+        command = self.template.replace("{file}", _check_name(name))
         # stderr to a file, not a pipe: a chatty command cannot block on it while we read stdout.
         with tempfile.TemporaryFile() as err:
             try:
