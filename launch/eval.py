@@ -18,7 +18,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True,
                         help="an export dir (launch.export), a run dir, or a checkpoint dir")
-    parser.add_argument("--data", help="a directory written by python -m launch.prepare_data")
+    parser.add_argument("--data", help="a directory written by python -m launch.prepare_data, its http(s) base "
+                                       "URL, or a pipe: command printing DIR/{file} (as data.path)")
     parser.add_argument("--split", default="val", help="which split of --data (default: val)")
     parser.add_argument("--text", nargs="+", help="raw .txt / .jsonl(.gz) files or directories instead of --data")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens predicted per window (default 256)")
