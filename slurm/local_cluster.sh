@@ -7,8 +7,13 @@ set -euo pipefail
 
 CONF_DIR=/etc/slurm
 STATE=/var/spool/slurm-local
+# Daemons are found by their pid files, not by name: another cluster on the machine (e.g.
+# slurm/netns_cluster.sh's two nodes) runs slurmd and slurmctld too and is left alone.
+alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 if [ "${1:-start}" = "stop" ]; then
-    pkill -x slurmd || true; pkill -x slurmctld || true
+    for pidfile in /run/slurmd.pid /run/slurmctld.pid; do
+        if alive "$pidfile"; then kill "$(cat "$pidfile")" || true; fi
+    done
     exit 0
 fi
 for cmd in slurmctld slurmd munged sbatch; do
@@ -29,7 +34,8 @@ fi
 chown -R munge:munge /etc/munge 2>/dev/null || true
 chmod 400 /etc/munge/munge.key
 mkdir -p /run/munge /var/log/munge /var/lib/munge && chown munge:munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
-pgrep -x munged >/dev/null || su -s /bin/sh munge -c munged 2>/dev/null || munged --force
+# (a munged answering on the default socket, not any munged: another cluster may run its own)
+munge -n >/dev/null 2>&1 || su -s /bin/sh munge -c munged 2>/dev/null || munged --force
 
 mkdir -p "$CONF_DIR" "$STATE/ctld" "$STATE/d" /var/log/slurm
 cat > "$CONF_DIR/slurm.conf" <<CONF
@@ -56,8 +62,8 @@ PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscr
 CONF
 rm -f "$CONF_DIR/cgroup.conf"  # slurm 22.05 autodetects; "disabled" is not a plugin there
 
-pgrep -x slurmctld >/dev/null || slurmctld
-pgrep -x slurmd >/dev/null || slurmd
+alive /run/slurmctld.pid || slurmctld
+alive /run/slurmd.pid || slurmd
 for _ in $(seq 1 30); do
     if sinfo -h -o %T 2>/dev/null | grep -qE "idle|mixed|alloc"; then
         echo "local_cluster: up ($HOST, $CPUS CPUs)"; exit 0
