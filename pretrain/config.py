@@ -102,6 +102,10 @@ class DataConfig:
     pin_memory: bool = False        # page-locked batches for faster host-to-GPU copies
     prefetch_factor: int = 2        # batches each worker keeps ready
     on_bad_shard: Literal["error", "skip"] = "error"  # skip: serve other windows, count it
+    # Read the training data as laid out for this many dp ranks (0: this run's dp): one process
+    # with 2 sees the global batches of a dp=2 run (dp x grad_accum x micro_batch_size rows a
+    # multiple of layout_dp x micro_batch_size). A resumed run keeps its checkpoint's layout.
+    layout_dp: int = 0
 
 
 @dataclass
@@ -321,6 +325,7 @@ def _check_ranges(cfg: Config) -> None:
         ("data.seq_len", d.seq_len, d.seq_len > 0, positive),
         ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
         ("data.prefetch_factor", d.prefetch_factor, d.prefetch_factor >= 1, ">= 1"),
+        ("data.layout_dp", d.layout_dp, d.layout_dp >= 0, ">= 0 (0: this run's dp size)"),
         ("train.micro_batch_size", t.micro_batch_size, t.micro_batch_size > 0, positive),
         ("train.grad_accum", t.grad_accum, t.grad_accum > 0, positive),
         ("train.max_steps", t.max_steps, t.max_steps > 0, positive),

@@ -280,6 +280,17 @@ def build_loader(cfg: Config, dims: ParallelDims, split: str = "train") -> Token
         raise ConfigError(f"{where} ({split} split): {exc}") from None
 
 
+def lay_out_for(loader: TokenLoader, layout_dp: int, grad_accum: int):
+    """A fresh run's loader reading the global batches of a run with layout_dp dp ranks: the
+    regrouping a resume after a dp change does (pretrain/checkpoint.py), from position 0. One
+    process can so reproduce a multi-node run's losses (tests/test_slurm.py)."""
+    state = {**loader.state_dict(), "dp_rank": 0, "dp_size": layout_dp}
+    try:
+        return ckpt_lib.resume_loader(loader, state, grad_accum)
+    except ValueError as exc:  # a global batch the layout cannot fill, too few shards for layout_dp
+        raise ConfigError(f"data.layout_dp={layout_dp}: {exc}") from None
+
+
 @torch.no_grad()
 def evaluate(engine, val_loader: TokenLoader, n_batches: int, dims: ParallelDims, device) -> float:
     """Mean loss over the first n_batches of the val split (the same batches every time), reduced
@@ -450,6 +461,8 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
     resumed = ckpt_lib.read_trainer_state(resume_from) if resume_from is not None else None
     if resumed is not None:
         check_resume_compatible(cfg, resumed, loader.tokenizer_checksum, dims)
+    elif cfg.data.layout_dp not in (0, dims.dp):
+        loader = lay_out_for(loader, cfg.data.layout_dp, t.grad_accum)
     # One run per run dir (pretrain/run_dir.py): no checkpoint of a later step or of another run.
     clash = clashing_checkpoints(run_dir, resumed, damaged)
     if clash and not t.overwrite:

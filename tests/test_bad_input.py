@@ -47,6 +47,7 @@ from trainer_cli import ENV, REPO, TINY, one_line_error, steps, train
     ("train.grad_clip=-1", "train.grad_clip must be a finite number >= 0 (0: no clipping)"),
     ("train.keep_last=-1", "train.keep_last must be >= 0"),
     ("train.max_consecutive_nonfinite=0", "train.max_consecutive_nonfinite must be > 0"),
+    ("data.layout_dp=-1", "data.layout_dp must be >= 0 (0: this run's dp size), got -1"),
     ("model.paragru.expand=0.001", "model.paragru.num_heads=4 must divide d_model=192 and the hidden size 0"),
 ])
 def test_an_out_of_range_value_is_one_line_naming_the_key(override, expected):

@@ -68,6 +68,23 @@ def test_a_global_batch_that_does_not_fit_the_layout_is_refused(data_dir):
         resume_loader(TokenLoader(data_dir, 48, 3, seed=7), state, 1)
 
 
+def test_data_layout_dp_gives_one_process_the_global_batches_of_a_dp2_run(data_dir):
+    """data.layout_dp=2 on one process (grad_accum 2): each step's micro-batches are the dp=2 run's
+    rank 0 batch, then rank 1's (tests/test_slurm.py compares the losses of such a run with a
+    two-node job's); a layout the global batch cannot fill is one line naming the key."""
+    from pretrain.config import ConfigError
+    from pretrain.train import lay_out_for
+
+    ranks = [TokenLoader(data_dir, 48, 2, dp_rank=r, dp_size=2, seed=7) for r in range(2)]
+    one = lay_out_for(TokenLoader(data_dir, 48, 2, seed=7), 2, grad_accum=2)
+    for _ in range(3):
+        for rank in ranks:
+            assert torch.equal(next(one)["input_ids"], next(rank)["input_ids"])
+    assert one.state_dict()["position"] == 3 and one.state_dict()["dp_size"] == 2  # saved in that layout
+    with pytest.raises(ConfigError, match=r"^data.layout_dp=3: .*must be a multiple of 6"):
+        lay_out_for(TokenLoader(data_dir, 48, 2, seed=7), 3, grad_accum=2)
+
+
 # ----------------------------------------------------------------------------- kill -9
 
 
