@@ -11,16 +11,19 @@
 # one-node cluster from slurm/local_cluster.sh or a real Slurm on the machine is not touched.
 # Slurm commands reach this cluster from inside a node:
 #
-#   bash slurm/netns_cluster.sh start DIR      # prints the SLURM_CONF to use
+#   bash slurm/netns_cluster.sh start DIR           # prints the SLURM_CONF to use
 #   SLURM_CONF=DIR/slurm.conf ip netns exec "$(cat DIR/ns1)" sbatch --nodes=2 ...
-#   bash slurm/netns_cluster.sh stop DIR       # every daemon, job process and namespace gone
+#   bash slurm/netns_cluster.sh node-down DIR 2     # node2 loses power (link down, its processes killed)
+#   bash slurm/netns_cluster.sh node-up DIR 2       # ... and is back (link up, slurmd started)
+#   bash slurm/netns_cluster.sh kill-trainers DIR 2 # kill -9 of node2's trainers only
+#   bash slurm/netns_cluster.sh stop DIR            # every daemon, job process and namespace gone
 #
 # Needs root, iproute2 (ip netns), util-linux (unshare) and Debian's slurm-wlm and munge.
 set -euo pipefail
 
 ACTION="${1:-}"; DIR="${2:-}"
 if [ -z "$ACTION" ] || [ -z "$DIR" ]; then
-    echo "usage: bash slurm/netns_cluster.sh start|stop DIR" >&2
+    echo "usage: bash slurm/netns_cluster.sh start|stop|node-down|node-up|kill-trainers DIR [NODE]" >&2
     exit 2
 fi
 IFNAME="${IFNAME:-rpnet0}"
@@ -63,13 +66,21 @@ case "$ACTION" in
         ip -n "$ns" link set "$IFNAME" down
         for pid in $(ip netns pids "$ns"); do kill -9 "$pid" 2>/dev/null || true; done
         exit 0 ;;
+    kill-trainers)  # the node's trainers crash (kill -9); slurmd and the rest of the node stay up
+        N="${3:?kill-trainers DIR N}"; ns="$(cat "$DIR/ns$N")"
+        for pid in $(ip netns pids "$ns"); do
+            if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- "-m launch.train"; then
+                kill -9 "$pid" 2>/dev/null || true
+            fi
+        done
+        exit 0 ;;
     node-up)  # the node is back: link up, slurmd started (Slurm returns it to service)
         N="${3:?node-up DIR N}"; ns="$(cat "$DIR/ns$N")"
         ip -n "$ns" link set "$IFNAME" up
         SLURM_CONF="$DIR/slurm.conf" in_node "$N" slurmd -f "$DIR/slurm.conf"
         exit 0 ;;
     start) ;;
-    *) echo "netns_cluster: unknown action $ACTION; use start, stop, node-down or node-up" >&2; exit 2 ;;
+    *) echo "netns_cluster: unknown action $ACTION; use start, stop, node-down, node-up or kill-trainers" >&2; exit 2 ;;
 esac
 [ "$(id -u)" = "0" ] || { echo "netns_cluster: needs root (network namespaces, slurmd)" >&2; exit 1; }
 for cmd in ip unshare slurmctld slurmd munged sbatch; do
