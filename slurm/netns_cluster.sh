@@ -83,7 +83,7 @@ case "$ACTION" in
     *) echo "netns_cluster: unknown action $ACTION; use start, stop, node-down, node-up or kill-trainers" >&2; exit 2 ;;
 esac
 [ "$(id -u)" = "0" ] || { echo "netns_cluster: needs root (network namespaces, slurmd)" >&2; exit 1; }
-for cmd in ip unshare slurmctld slurmd munged sbatch; do
+for cmd in ip unshare nsenter slurmctld slurmd munged sbatch; do
     command -v "$cmd" >/dev/null || { echo "netns_cluster: $cmd not found; apt-get install -y slurm-wlm munge iproute2" >&2; exit 1; }
 done
 DIR="$(mkdir -p "$DIR" && cd "$DIR" && pwd)"

@@ -142,8 +142,9 @@ def two_nodes(tmp_path_factory):
     if os.geteuid() != 0:
         yield "the two-node cluster needs root (network namespaces, slurmd)"
         return
-    if shutil.which("ip") is None or shutil.which("unshare") is None:
-        yield "the two-node cluster needs ip (iproute2) and unshare (util-linux)"
+    missing = [cmd for cmd in ("ip", "unshare", "nsenter") if shutil.which(cmd) is None]
+    if missing:
+        yield f"the two-node cluster needs {', '.join(missing)} (iproute2, util-linux), not found"
         return
     path = tmp_path_factory.mktemp("netns-cluster")
     try:
