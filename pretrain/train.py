@@ -282,11 +282,11 @@ def build_loader(cfg: Config, dims: ParallelDims, split: str = "train") -> Token
 
 def lay_out_for(loader: TokenLoader, layout_dp: int, grad_accum: int):
     """A fresh run's loader reading the global batches of a run with layout_dp dp ranks: the
-    regrouping a resume after a dp change does (pretrain/checkpoint.py), from position 0. One
+    regrouping a resume after a dp change does (data/regroup.py), from position 0. One
     process can so reproduce a multi-node run's losses (tests/test_slurm.py)."""
     state = {**loader.state_dict(), "dp_rank": 0, "dp_size": layout_dp}
     try:
-        return ckpt_lib.resume_loader(loader, state, grad_accum)
+        return resume_loader(loader, state, grad_accum)
     except ValueError as exc:  # a global batch the layout cannot fill, too few shards for layout_dp
         raise ConfigError(f"data.layout_dp={layout_dp}: {exc}") from None
 
