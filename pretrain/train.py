@@ -6,6 +6,7 @@ is a plain function above it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -412,9 +413,52 @@ def train(cfg: Config) -> dict:
         lock.release()
 
 
-def _train(cfg: Config, lock: RunDirLock) -> dict:
+@dataclasses.dataclass
+class Run:
+    """What build() sets up and the loop works on: the layout, the engine, the data, and where the
+    run stands (step, tokens, skipped steps)."""
+
+    cfg: Config
+    device: torch.device
+    dtype: torch.dtype
+    rank: int
+    world: int
+    dims: ParallelDims
+    engine: object  # deepspeed.DeepSpeedEngine
+    scheduler: object
+    loader: object  # TokenLoader, or data.regroup.RegroupedLoader after a dp change
+    val_loader: object
+    run_dir: Path
+    lineage: str
+    resume_from: Path | None
+    newton: NewtonTelemetry
+    n_params: int
+    flops_per_token: float
+    step: int = 0
+    tokens_seen: int = 0
+    skipped: int = 0  # steps with a non-finite loss or gradient (not applied)
+    ds_skipped: int = 0  # DeepSpeed's own count of skipped updates, as of the last step
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * self.cfg.data.seq_len * t.grad_accum * self.dims.dp
+
+    def checkpoint_state(self, at_step: int) -> tuple[dict, dict]:
+        """(trainer state, this rank's state) for a checkpoint at `at_step` (ckpt_lib.Checkpointer)."""
+        d = self.dims
+        trainer_state = {"step": at_step, "tokens": self.tokens_seen, "skipped_steps": self.skipped,
+                         "config": to_dict(self.cfg), "tokenizer_checksum": self.loader.tokenizer_checksum,
+                         "world_size": self.world, "topology": {"dp": d.dp, "sp": d.sp, "tp": d.tp},
+                         "shard_specs": reshard.shard_specs(self.engine.module), "lineage": self.lineage}
+        return trainer_state, {"rng": ckpt_lib.rng_state(), "loader": self.loader.state_dict()}
+
+
+def build(cfg: Config, lock: RunDirLock) -> Run:
+    """Everything before the first step: checks that can refuse the run (data, layout, resume
+    compatibility, run-dir clashes) before anything is written, the model with its parallel
+    plans, the DeepSpeed engine, the resumed state; then the first writes to the run dir."""
     import deepspeed
-    from tqdm import tqdm
 
     check_data_paths(cfg)
     _quiet_deepspeed()
@@ -511,144 +555,186 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
         (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum * dims.dp
-    peak = device_peak_flops(device, t.peak_tflops)
-    end_step = t.stop_at or t.max_steps
-    start_step = step
-    metrics = MetricsLogger(run_dir, to_dict(cfg), cfg.logging.wandb, enabled=rank == 0, resume_step=step)
-    preempt = PreemptionFlag()
     # Newton convergence is never silent: layers whose residual stays above their tol (after the
     # solver's extra iterations up to max_iters) are warned about with layer and steps, and counted
     # -- read from the device once per log step, not once per layer and step.
-    newton = NewtonTelemetry(model)
-    unconverged = 0
-    if rank == 0:
-        print(f"model: {n_params / 1e6:.2f}M parameters, mixers {cfg.model.layer_mixers()}; device {device}, "
-              f"{str(dtype).replace('torch.', '')}, world {world} = dp {dims.dp} x sp {dims.sp} x tp {dims.tp}, "
-              f"ZeRO-{cfg.parallel.zero_stage}; "
-              + (f"resuming from {resume_from} at step {step}" if resume_from else "starting at step 0"), flush=True)
+    run = Run(cfg, device, dtype, rank, world, dims, engine, scheduler, loader, val_loader, run_dir, lineage,
+              resume_from, NewtonTelemetry(model), n_params, flops_per_token, step, tokens_seen, skipped)
+    run.ds_skipped = engine.skipped_steps
+    return run
 
-    def state_of(at_step: int) -> tuple[dict, dict]:
-        trainer_state = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
-                         "config": to_dict(cfg), "tokenizer_checksum": loader.tokenizer_checksum,
-                         "world_size": world, "topology": {"dp": dims.dp, "sp": dims.sp, "tp": dims.tp},
-                         "shard_specs": reshard.shard_specs(engine.module), "lineage": lineage}
-        return trainer_state, {"rng": ckpt_lib.rng_state(), "loader": loader.state_dict()}
 
-    checkpointer = ckpt_lib.Checkpointer(engine, run_dir, state_of, t.keep_last, t.keep_every, t.async_save)
-
-    console = cfg.logging.console
-    if console == "auto":
-        console = "bar" if sys.stdout.isatty() else "plain"
-    show = rank == 0 and cfg.logging.progress
-    pbar = tqdm(total=end_step, initial=step, unit="step", dynamic_ncols=True, smoothing=0.1,
-                disable=not (show and console == "bar"))
-    plain = show and console == "plain"
-    last_logged_loss, data_wait = None, 0.0
-    first_loss = last_loss = None
-    window_loss, window_steps, window_finite, window_t0 = 0.0, 0, 0, time.perf_counter()
-    run_t0, run_tokens = time.perf_counter(), 0
-    last_ckpt = resume_from
-    exit_code = 0
-    if preempt.any_rank(device):  # a signal during start-up: nothing new to save, requeue as it is
-        exit_code = REQUEUE_EXIT_CODE
-        if rank == 0:
-            (run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "checkpoint": str(last_ckpt)}))
-            print(f"preempted during start-up (step {step}, checkpoint {last_ckpt}); exiting with "
-                  f"{REQUEUE_EXIT_CODE} to be requeued", flush=True)
+def train_step(run: Run) -> tuple[float, bool, float]:
+    """One optimizer step (grad_accum micro-batches). Returns (the loss: mean over dp of the full
+    sequences' loss, nan if any micro-batch's was; whether the step was non-finite and so not
+    applied; seconds spent waiting for data)."""
+    t, engine, dims = run.cfg.train, run.engine, run.dims
+    step_loss = torch.zeros((), device=run.device)
+    dropped, zeroed, data_wait = 0, False, 0.0
+    for micro in range(t.grad_accum):
+        t_wait = time.perf_counter()
+        raw = next(run.loader)
+        data_wait += time.perf_counter() - t_wait
+        batch = sequence_slice({k: v.to(run.device, non_blocking=True) for k, v in raw.items()}, dims)
+        loss = engine(batch["input_ids"], labels=batch["labels"], doc_start=batch["doc_start"])
+        run.newton.observe(engine.module)
+        finite = torch.isfinite(loss.detach()).float()
+        if run.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        step_loss += loss.detach() / t.grad_accum  # nan for the step if any micro-batch is
+        dropped += int(finite.item() != 1.0)
+        # Backpropagated even when non-finite: the gradients are then too, and the whole step
+        # is skipped (DeepSpeed's optimizer wrappers; zero_nonfinite_update for the one without).
+        engine.backward(loss)
+        if micro == t.grad_accum - 1 and not hasattr(engine.optimizer, "overflow"):
+            zeroed = zero_nonfinite_update(engine, run.world)
+        engine.step()
+    run.step += 1
     # A step is non-finite when a micro-batch's loss was (not backpropagated) or DeepSpeed skipped
     # the update for non-finite gradients ("OVERFLOW!", engine.skipped_steps); both are the same on
-    # every rank. No checkpoint is written right after one; max_consecutive_nonfinite in a row stop the run.
-    ds_skipped, nonfinite_run = engine.skipped_steps, 0
-    engine.train()
-    while step < end_step and exit_code == 0:
-        step_loss = torch.zeros((), device=device)
-        dropped, zeroed = 0, False
-        for micro in range(t.grad_accum):
-            t_wait = time.perf_counter()
-            raw = next(loader)
-            data_wait += time.perf_counter() - t_wait
-            batch = sequence_slice({k: v.to(device, non_blocking=True) for k, v in raw.items()}, dims)
-            loss = engine(batch["input_ids"], labels=batch["labels"], doc_start=batch["doc_start"])
-            newton.observe(engine.module)
-            finite = torch.isfinite(loss.detach()).float()
-            if world > 1:
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            step_loss += loss.detach() / t.grad_accum  # nan for the step if any micro-batch is
-            dropped += int(finite.item() != 1.0)
-            # Backpropagated even when non-finite: the gradients are then too, and the whole step
-            # is skipped (DeepSpeed's optimizer wrappers; zero_nonfinite_update for the one without).
-            engine.backward(loss)
-            if micro == t.grad_accum - 1 and not hasattr(engine.optimizer, "overflow"):
-                zeroed = zero_nonfinite_update(engine, world)
-            engine.step()
-        step += 1
-        nonfinite = dropped > 0 or zeroed or engine.skipped_steps > ds_skipped
-        ds_skipped = engine.skipped_steps
-        skipped += int(nonfinite)
-        nonfinite_run = nonfinite_run + 1 if nonfinite else 0
-        tokens_seen += tokens_per_step
-        run_tokens += tokens_per_step
-        if world > 1:  # the mean over dp of the full sequences' loss (sp ranks hold partial sums)
-            dist.all_reduce(step_loss, group=dims.dp_sp_group)
-            step_loss /= dims.dp
-        loss_value = step_loss.item()
-        first_loss = loss_value if first_loss is None else first_loss
-        last_loss = loss_value
+    # every rank.
+    nonfinite = dropped > 0 or zeroed or engine.skipped_steps > run.ds_skipped
+    run.ds_skipped = engine.skipped_steps
+    run.skipped += int(nonfinite)
+    run.tokens_seen += run.tokens_per_step
+    if run.world > 1:  # the mean over dp of the full sequences' loss (sp ranks hold partial sums)
+        dist.all_reduce(step_loss, group=dims.dp_sp_group)
+        step_loss /= dims.dp
+    run.newton.end_step(run.step)
+    return step_loss.item(), nonfinite, data_wait
+
+
+class Progress:
+    """The console (a progress bar, or plain lines for logs), metrics.jsonl / wandb, and the
+    run's first and last loss: steps are averaged over a window and logged every log_every."""
+
+    def __init__(self, run: Run, metrics: MetricsLogger, end_step: int):
+        from tqdm import tqdm
+
+        cfg = run.cfg
+        console = cfg.logging.console
+        if console == "auto":
+            console = "bar" if sys.stdout.isatty() else "plain"
+        show = run.rank == 0 and cfg.logging.progress
+        self.pbar = tqdm(total=end_step, initial=run.step, unit="step", dynamic_ncols=True, smoothing=0.1,
+                         disable=not (show and console == "bar"))
+        self.plain = show and console == "plain"
+        self.rank, self.metrics, self.end_step, self.start_step = run.rank, metrics, end_step, run.step
+        self.peak = device_peak_flops(run.device, cfg.train.peak_tflops)
+        self.last_logged_loss, self.data_wait = None, 0.0
+        self.first_loss = self.last_loss = None
+        self.window_loss, self.window_steps, self.window_finite, self.window_t0 = 0.0, 0, 0, time.perf_counter()
+        self.run_t0, self.run_tokens = time.perf_counter(), 0
+        self.unconverged = 0  # layer-steps above tol since step 0 of this run
+
+    def write(self, line: str) -> None:
+        """A console line above the bar (rank 0)."""
+        if self.rank == 0:
+            self.pbar.write(line)
+
+    def step_done(self, run: Run, loss_value: float, data_wait: float) -> None:
+        self.data_wait += data_wait
+        self.run_tokens += run.tokens_per_step
+        self.first_loss = loss_value if self.first_loss is None else self.first_loss
+        self.last_loss = loss_value
         if math.isfinite(loss_value):  # the logged loss is the mean over the window's finite steps
-            window_loss += loss_value
-            window_finite += 1
-        window_steps += 1
-        pbar.update(1)
-        newton.end_step(step)
+            self.window_loss += loss_value
+            self.window_finite += 1
+        self.window_steps += 1
+        self.pbar.update(1)
+
+    def log(self, run: Run) -> None:
+        """Close the window: one record (metrics.jsonl, wandb), the bar's postfix or a plain line,
+        a warning for layers whose Newton solve stayed above tol."""
+        step, engine = run.step, run.engine
+        elapsed = time.perf_counter() - self.window_t0
+        tok_s = self.window_steps * run.tokens_per_step / max(elapsed, 1e-9)
+        mfu = tok_s * run.flops_per_token / (self.peak * run.world) if self.peak else None
+        window = run.newton.read()  # the one host sync for every layer's residual
+        if window is not None:
+            self.unconverged += int(sum(window["above"].values()))
+            line = run.newton.warning(window, step)
+            if line:
+                self.write(line)
+        record = {"step": step, "loss": self.window_loss / self.window_finite if self.window_finite else math.nan,
+                  "lr": run.scheduler.get_last_lr()[0], "tokens": run.tokens_seen, "tokens_per_s": tok_s,
+                  "skipped": run.skipped, "grad_norm": float(engine.get_global_grad_norm() or 0.0)}
+        if mfu is not None:
+            record["mfu"] = mfu
+        record.update(time=round(time.time(), 3), elapsed_s=round(time.perf_counter() - self.run_t0, 3),
+                      data_wait_s=round(self.data_wait, 4), max_rss_mb=round(max_rss_mb(), 1))
+        if run.device.type == "cuda":
+            record["cuda_max_allocated_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 3)
+        self.data_wait = 0.0
+        if window is not None:
+            record["newton_residual_max"] = max(window["last"].values())  # over layers, last step
+            record["newton_unconverged"] = self.unconverged
+            record.update({f"newton_residual/{k}": v for k, v in window["last"].items()})
+        if run.loader.skipped_shards:
+            record["skipped_shards"] = run.loader.skipped_shards
+        fallbacks = kernel_fallbacks()
+        if fallbacks:  # Triton kernels that failed their startup self-check (kernels/selfcheck.py)
+            record["kernel_fallbacks"] = len(fallbacks)
+        self.metrics.log(record)
+        self.last_logged_loss = record["loss"]
+        postfix = (f"loss {record['loss']:.3f} | {tok_s:,.0f} tok/s"
+                   + (f" | MFU {mfu:.1%}" if mfu is not None else " | MFU n/a (CPU)")
+                   + (f" | skipped {run.skipped}" if run.skipped else "")
+                   + (f" | newton unconverged {self.unconverged}" if self.unconverged else ""))
+        self.pbar.set_postfix_str(postfix, refresh=False)
+        if self.plain:
+            done_steps = step - self.start_step
+            eta = (self.end_step - step) * (time.perf_counter() - self.run_t0) / max(done_steps, 1)
+            print(f"step {step}/{self.end_step} | {postfix} | lr {record['lr']:.2e} | "
+                  f"ETA {_hms(eta)}", flush=True)
+        self.window_loss, self.window_steps, self.window_finite, self.window_t0 = 0.0, 0, 0, time.perf_counter()
+
+    def close(self) -> None:
+        self.pbar.close()
+
+
+def _train(cfg: Config, lock: RunDirLock) -> dict:
+    """build, then train_step / Progress.log / eval / save until end_step or a preemption."""
+    run = build(cfg, lock)
+    t, rank, run_dir = cfg.train, run.rank, run.run_dir
+    end_step = t.stop_at or t.max_steps
+    metrics = MetricsLogger(run_dir, to_dict(cfg), cfg.logging.wandb, enabled=rank == 0, resume_step=run.step)
+    preempt = PreemptionFlag()
+    if rank == 0:
+        d = run.dims
+        print(f"model: {run.n_params / 1e6:.2f}M parameters, mixers {cfg.model.layer_mixers()}; device {run.device}, "
+              f"{str(run.dtype).replace('torch.', '')}, world {run.world} = dp {d.dp} x sp {d.sp} x tp {d.tp}, "
+              f"ZeRO-{cfg.parallel.zero_stage}; "
+              + (f"resuming from {run.resume_from} at step {run.step}" if run.resume_from else "starting at step 0"),
+              flush=True)
+    checkpointer = ckpt_lib.Checkpointer(run.engine, run_dir, run.checkpoint_state, t.keep_last, t.keep_every,
+                                         t.async_save)
+    progress = Progress(run, metrics, end_step)
+    last_ckpt = run.resume_from
+    exit_code = 0
+    if preempt.any_rank(run.device):  # a signal during start-up: nothing new to save, requeue as it is
+        exit_code = REQUEUE_EXIT_CODE
+        if rank == 0:
+            (run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": run.step, "checkpoint": str(last_ckpt)}))
+            print(f"preempted during start-up (step {run.step}, checkpoint {last_ckpt}); exiting with "
+                  f"{REQUEUE_EXIT_CODE} to be requeued", flush=True)
+    # No checkpoint is written right after a non-finite step; max_consecutive_nonfinite in a row
+    # stop the run.
+    nonfinite_run = 0
+    run.engine.train()
+    while run.step < end_step and exit_code == 0:
+        loss_value, nonfinite, data_wait = train_step(run)
+        step = run.step
+        nonfinite_run = nonfinite_run + 1 if nonfinite else 0
+        progress.step_done(run, loss_value, data_wait)
 
         diverged = nonfinite_run >= t.max_consecutive_nonfinite
         if step == 1 or step % cfg.logging.log_every == 0 or step == end_step or diverged:
-            elapsed = time.perf_counter() - window_t0
-            tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
-            mfu = tok_s * flops_per_token / (peak * world) if peak else None
-            window = newton.read()  # the one host sync for every layer's residual
-            if window is not None:
-                unconverged += int(sum(window["above"].values()))
-                line = newton.warning(window, step)
-                if line and rank == 0:
-                    pbar.write(line)
-            record = {"step": step, "loss": window_loss / window_finite if window_finite else math.nan, "lr": scheduler.get_last_lr()[0],
-                      "tokens": tokens_seen, "tokens_per_s": tok_s, "skipped": skipped,
-                      "grad_norm": float(engine.get_global_grad_norm() or 0.0)}
-            if mfu is not None:
-                record["mfu"] = mfu
-            record.update(time=round(time.time(), 3), elapsed_s=round(time.perf_counter() - run_t0, 3),
-                          data_wait_s=round(data_wait, 4), max_rss_mb=round(max_rss_mb(), 1))
-            if device.type == "cuda":
-                record["cuda_max_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-            data_wait = 0.0
-            if window is not None:
-                record["newton_residual_max"] = max(window["last"].values())  # over layers, last step
-                record["newton_unconverged"] = unconverged  # layer-steps above tol since step 0 of this run
-                record.update({f"newton_residual/{k}": v for k, v in window["last"].items()})
-            if loader.skipped_shards:
-                record["skipped_shards"] = loader.skipped_shards
-            fallbacks = kernel_fallbacks()
-            if fallbacks:  # Triton kernels that failed their startup self-check (kernels/selfcheck.py)
-                record["kernel_fallbacks"] = len(fallbacks)
-            metrics.log(record)
-            last_logged_loss = record["loss"]
-            postfix = (f"loss {record['loss']:.3f} | {tok_s:,.0f} tok/s"
-                       + (f" | MFU {mfu:.1%}" if mfu is not None else " | MFU n/a (CPU)")
-                       + (f" | skipped {skipped}" if skipped else "")
-                       + (f" | newton unconverged {unconverged}" if unconverged else ""))
-            pbar.set_postfix_str(postfix, refresh=False)
-            if plain:
-                done_steps = step - start_step
-                eta = (end_step - step) * (time.perf_counter() - run_t0) / max(done_steps, 1)
-                print(f"step {step}/{end_step} | {postfix} | lr {record['lr']:.2e} | "
-                      f"ETA {_hms(eta)}", flush=True)
-            window_loss, window_steps, window_finite, window_t0 = 0.0, 0, 0, time.perf_counter()
+            progress.log(run)
 
         if diverged or (nonfinite_run and step == end_step):
             checkpointer.wait()
-            pbar.close()
+            progress.close()
             metrics.close()
             raise ConfigError(
                 f"the run diverged: {nonfinite_run} optimizer steps in a row (steps {step - nonfinite_run + 1}-{step}) "
@@ -658,42 +744,40 @@ def _train(cfg: Config, lock: RunDirLock) -> dict:
                    "none (no checkpoint was written): start again with a lower train.lr"))
 
         if t.eval_every and step % t.eval_every == 0:
-            val_loss = evaluate(engine, val_loader, t.eval_batches, dims, device)
+            val_loss = evaluate(run.engine, run.val_loader, t.eval_batches, run.dims, run.device)
             metrics.log({"step": step, "val_loss": val_loss})
-            if rank == 0:
-                pbar.write(f"step {step}: val_loss {val_loss:.4f}")
+            progress.write(f"step {step}: val_loss {val_loss:.4f}")
 
-        preempted = preempt.any_rank(device)
+        preempted = preempt.any_rank(run.device)
         if nonfinite_run and (step % t.save_every == 0 or preempted):
-            if rank == 0:  # weights after a skipped (non-finite) step are not checkpointed
-                pbar.write(f"step {step}: not saved: the last {nonfinite_run} step(s) had a non-finite loss or "
+            # weights after a skipped (non-finite) step are not checkpointed
+            progress.write(f"step {step}: not saved: the last {nonfinite_run} step(s) had a non-finite loss or "
                            f"gradient; the last good checkpoint is {last_ckpt}")
         elif step % t.save_every == 0 or step == end_step or preempted:
             last_ckpt = checkpointer.save(step)
             if step == end_step or preempted:  # about to exit: the save must be in place first
                 checkpointer.wait()
-            if rank == 0:
-                pbar.write(f"saved checkpoint {last_ckpt}" if not t.async_save or step == end_step or preempted
+            progress.write(f"saved checkpoint {last_ckpt}" if not t.async_save or step == end_step or preempted
                            else f"saving checkpoint {last_ckpt} in the background")
         if preempted:
             if rank == 0:
                 # The marker survives launchers (torchrun) that do not pass exit codes through.
                 (run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "checkpoint": str(last_ckpt)}))
-                pbar.write((f"preempted: checkpoint saved at step {step}" if nonfinite_run == 0 else
+            progress.write((f"preempted: checkpoint saved at step {step}" if nonfinite_run == 0 else
                             f"preempted: not saved (non-finite steps); the last good checkpoint is {last_ckpt}")
                            + f"; exiting with {REQUEUE_EXIT_CODE} to be requeued")
             exit_code = REQUEUE_EXIT_CODE
             break
     checkpointer.wait()
-    pbar.close()
+    progress.close()
 
-    wall = time.perf_counter() - run_t0
+    wall = time.perf_counter() - progress.run_t0
     # first_loss: step 1's (logged alone); last_loss: the last logged value, the mean over the final
     # log window's finite steps -- what the progress bar and metrics.jsonl show
-    last_loss = last_logged_loss if last_logged_loss is not None else last_loss
-    summary = {"run_dir": str(run_dir), "step": step, "first_loss": first_loss, "last_loss": last_loss,
-               "tokens_per_s": run_tokens / max(wall, 1e-9), "checkpoint": str(last_ckpt) if last_ckpt else None,
-               "skipped_steps": skipped, "exit_code": exit_code, "kernel_fallbacks": kernel_fallbacks()}
+    last_loss = progress.last_logged_loss if progress.last_logged_loss is not None else progress.last_loss
+    summary = {"run_dir": str(run_dir), "step": run.step, "first_loss": progress.first_loss, "last_loss": last_loss,
+               "tokens_per_s": progress.run_tokens / max(wall, 1e-9), "checkpoint": str(last_ckpt) if last_ckpt else None,
+               "skipped_steps": run.skipped, "exit_code": exit_code, "kernel_fallbacks": kernel_fallbacks()}
     if rank == 0:
         plot = plot_loss_svg(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.svg")
         summary["loss_plot"] = str(plot) if plot else None
