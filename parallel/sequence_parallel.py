@@ -12,7 +12,7 @@ One all-gather of a [B, D]-sized summary per scan, whatever the piece length.
 - SequenceBoundary / sp_pararnn_kwargs: what ParaRNN needs on top (kernels/pararnn.py
   `boundary`): the previous piece's last state, the next piece's first Jacobian, a global max.
 - sp_deltaproduct: DeltaProduct over pieces, differentiable by autograd.
-- sp_conv_halo / SequenceParallelConv: the kernel-1 positions a causal conv needs from the
+- sp_conv_halo / halo_conv_forward: the kernel-1 positions a causal conv needs from the
   previous piece.
 - seq_to_head / head_to_seq / ulysses_attention: DeepSpeed-Ulysses all-to-all around an
   attention core.
@@ -212,21 +212,19 @@ def sp_conv_halo(x, doc_start, halo: int, group):
     return x_ext, torch.cat([ds_halo, doc_start.to(torch.bool)], dim=1)
 
 
-class SequenceParallelConv(nn.Module):
-    """Wrap a causal conv module (forward(x [B,T,C], doc_start)) so it sees the previous piece.
+def halo_conv_forward(conv: nn.Module, group):
+    """conv's forward (x [B,T,C], doc_start) made to see the previous piece: the previous rank's
+    last kernel_size - 1 positions are prepended (sp_conv_halo) and the output on them dropped.
+    The conv keeps its parameters (replicated over sp); apply_sequence_parallel installs this as
+    the conv's forward."""
+    inner, halo = conv.forward, conv.kernel_size - 1
 
-    The wrapped module keeps its parameters (replicated over sp); its output on the halo
-    positions is dropped.
-    """
-
-    def __init__(self, conv: nn.Module, kernel_size: int, group):
-        super().__init__()
-        self.conv, self.halo, self.group = conv, kernel_size - 1, group
-
-    def forward(self, x, doc_start=None):
-        x_ext, ds_ext = sp_conv_halo(x, doc_start, self.halo, self.group)
-        y = self.conv(x_ext, ds_ext)
+    def forward(x, doc_start=None):
+        x_ext, ds_ext = sp_conv_halo(x, doc_start, halo, group)
+        y = inner(x_ext, ds_ext)
         return y[:, y.shape[1] - x.shape[1]:]
+
+    return forward
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from parallel.mappings import copy_to_tp
-from parallel.sequence_parallel import (sp_conv_halo, sp_deltaproduct, sp_pararnn_kwargs, sp_token_count,
+from parallel.sequence_parallel import (halo_conv_forward, sp_deltaproduct, sp_pararnn_kwargs, sp_token_count,
                                         ulysses_attention)
 from parallel.tensor_parallel import (ColumnParallelLinear, HeadParallelHeadwiseLinear, RowParallelLinear,
                                       VocabParallelEmbedding, shard_parameter, vocab_parallel_cross_entropy)
@@ -151,18 +151,6 @@ def make_parallel_loss(tp_group, sp_group):
 # ----------------------------------------------------------------------------- sequence parallel
 
 
-def _halo_conv_forward(conv: nn.Module, group):
-    """Wrap a ShortConv's forward in place: prepend the previous rank's last K-1 positions."""
-    inner, halo = conv.forward, conv.kernel_size - 1
-
-    def forward(x, doc_start=None):
-        x_ext, ds_ext = sp_conv_halo(x, doc_start, halo, group)
-        y = inner(x_ext, ds_ext)
-        return y[:, y.shape[1] - x.shape[1]:]
-
-    return forward
-
-
 def apply_sequence_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
     """Each sp rank runs its contiguous piece of every sequence; the recurrences continue across
     pieces by summaries, convs by a halo, attention by Ulysses all-to-all."""
@@ -178,7 +166,7 @@ def apply_sequence_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
             mixer.recurrence = _partial_sp_deltaproduct(sp)
             if mixer.c.use_short_conv:
                 for conv in (mixer.q_conv, mixer.k_conv, mixer.v_conv):
-                    conv.forward = _halo_conv_forward(conv, sp)
+                    conv.forward = halo_conv_forward(conv, sp)
         elif isinstance(mixer, AttentionMixer):
             attend = mixer.attend
             mixer.attend = lambda q, k, v, doc_start=None, _attend=attend: ulysses_attention(
