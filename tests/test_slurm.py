@@ -31,14 +31,11 @@ from pathlib import Path
 import pytest
 
 from pretrain import checkpoint as ckpt_lib
+from trainer_cli import HYBRID_TINY
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 600
-TINY_MODEL = ["model.d_model=48", "model.mixers=[paragru,deltaproduct,attention]", "model.n_layers=3",
-              "model.paragru.num_heads=2", "model.deltaproduct.num_heads=2", "model.deltaproduct.head_dim=16",
-              "model.attention.num_heads=2", "model.vocab_size=512", "data.seq_len=48", "train.micro_batch_size=2",
-              "train.warmup_steps=2", "logging.log_every=1", "logging.progress=false",
-              "logging.wandb.mode=disabled", "train.device=cpu"]
+TINY_MODEL = [*HYBRID_TINY, "train.device=cpu"]
 TINY = [*TINY_MODEL, f"train.max_steps={MAX_STEPS}", "train.save_every=200"]
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "NODE_FAIL", "BOOT_FAIL", "OUT_OF_MEMORY", "TIMEOUT", "GONE")
 
@@ -86,12 +83,8 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "corpus"
-    subprocess.run([sys.executable, "-m", "launch.prepare_data", "--out", str(out), "--vocab-size", "512",
-                    "--max-bytes", "400000", "--shard-tokens", "16384", "--no-progress"],
-                   cwd=REPO, check=True, capture_output=True, timeout=300)
-    return out
+def data(hybrid_data):
+    return hybrid_data
 
 
 # ----------------------------------------------------------------------------- two nodes
