@@ -93,7 +93,7 @@ class _HashingFile:
         self._f.close()
 
 
-def _save_hashing(obj, path: Path) -> str:
+def save_hashing(obj, path: Path) -> str:
     """torch.save(obj, path); the sha256 of the bytes written (no second read of the file)."""
     f = _HashingFile(path)
     try:
@@ -163,7 +163,7 @@ class Checkpointer:
         if self.async_save:
             self._pending.append((_to_host(state_dict), path))
         else:
-            self._hashes[str(path.relative_to(self._tmp))] = _save_hashing(state_dict, path)
+            self._hashes[str(path.relative_to(self._tmp))] = save_hashing(state_dict, path)
 
     def save(self, step: int) -> Path:
         """Collective: checkpoint the engine at `step`; returns the directory it has (or, async,
@@ -183,11 +183,11 @@ class Checkpointer:
         final = self.root / tag
         if not self.async_save:
             for obj, path in own:
-                self._hashes[path.name] = _save_hashing(obj, path)
+                self._hashes[path.name] = save_hashing(obj, path)
             if self.rank == 0:
                 self._write_trainer_state(tmp, trainer_state)
             barrier()
-            hashes = self._gather_hashes()
+            hashes = _merged_over_ranks(self._hashes)
             if self.rank == 0:
                 self._put_in_place(tmp, final, step, hashes)
             barrier()
@@ -220,13 +220,6 @@ class Checkpointer:
         write_atomic(tmp / "trainer_state.json", text)
         self._hashes["trainer_state.json"] = hashlib.sha256(text.encode()).hexdigest()
 
-    def _gather_hashes(self) -> dict[str, str]:
-        if self.world == 1:
-            return dict(self._hashes)
-        parts = [None] * self.world
-        dist.all_gather_object(parts, self._hashes)
-        return {k: v for part in parts for k, v in part.items()}
-
     def _put_in_place(self, tmp: Path, final: Path, step: int, hashes: dict[str, str]) -> None:
         """Rank 0, every rank's files written: the manifest (files DeepSpeed copied rather than
         saved, its recovery scripts, are hashed here), the rename, `latest`, pruning."""
@@ -243,7 +236,7 @@ class Checkpointer:
 
     def _write_in_background(self, tmp, final, step, pending, trainer_state) -> None:
         try:
-            hashes = {str(path.relative_to(tmp)): _save_hashing(obj, path) for obj, path in pending}
+            hashes = {str(path.relative_to(tmp)): save_hashing(obj, path) for obj, path in pending}
             del pending
             if trainer_state is not None:
                 self._hashes = hashes
@@ -305,10 +298,14 @@ def _hash_files_collectively(ckpt: Path, names: list[str] | None = None) -> dict
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if names is None:
         names = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
-    mine = {n: file_sha256(ckpt / n) for i, n in enumerate(names) if i % world == rank}
-    if world == 1:
-        return mine
-    parts = [None] * world
+    return _merged_over_ranks({n: file_sha256(ckpt / n) for i, n in enumerate(names) if i % world == rank})
+
+
+def _merged_over_ranks(mine: dict) -> dict:
+    """Collective: the union of every rank's dict (keys are disjoint), on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(mine)
+    parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
     return {k: v for part in parts for k, v in sorted(part.items())}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint import TMP, barrier, file_sha256, read_trainer_state, write_atomic
+from pretrain.checkpoint import TMP, barrier, file_sha256, read_trainer_state, save_hashing, write_atomic
 from pretrain.deepspeed_io import load_checkpoint_file, load_full_state, zero_partitions
 
 FULL_STATE = "full_state.pt"
@@ -108,14 +108,14 @@ def convert_to_full(ckpt: str | Path, out: str | Path) -> Path:
     trainer["layout"] = "full"
     trainer.pop("shard_specs", None)
     with write_replacing(out, is_conversion, CONVERSION) as tmp:
-        torch.save(state, tmp / FULL_STATE)
+        hashed = {FULL_STATE: save_hashing(state, tmp / FULL_STATE)}  # the big file: hashed while written
         # Every rank's data-loader position is the same; rank 0's RNG stands for all ranks.
         shutil.copyfile(ckpt / "rank_00000.pt", tmp / "rank_00000.pt")
         write_atomic(tmp / "trainer_state.json", json.dumps(trainer, indent=1))
         names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         write_atomic(tmp / "manifest.json", json.dumps({
             "format": FULL_STATE_FORMAT, "tag": out.name, "step": trainer["step"],
-            "files": {n: (tmp / n).stat().st_size for n in names}, "sha256": {n: file_sha256(tmp / n) for n in names}},
+            "files": {n: (tmp / n).stat().st_size for n in names}, "sha256": {n: hashed.get(n) or file_sha256(tmp / n) for n in names}},
             indent=1))
     return out
 

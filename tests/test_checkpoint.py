@@ -168,13 +168,13 @@ def test_async_save_writes_what_a_sync_save_writes_from_the_state_at_save_time(e
     # Hold the writer thread until the weights have changed: the checkpoint must hold the old ones.
     import threading
 
-    release, real = threading.Event(), ckpt_lib._save_hashing
+    release, real = threading.Event(), ckpt_lib.save_hashing
 
     def held(obj, path):
         release.wait(30)
         return real(obj, path)
 
-    monkeypatch.setattr(ckpt_lib, "_save_hashing", held)
+    monkeypatch.setattr(ckpt_lib, "save_hashing", held)
     checkpointer = async_save(engine, tmp_path / "async", 1)
     final = checkpointer.save(1)
     assert not final.exists() and ckpt_lib.find_latest(tmp_path / "async") is None  # nothing in place yet
@@ -208,7 +208,7 @@ def test_an_error_in_the_background_writer_is_raised_by_wait_and_nothing_is_publ
     def full_disk(obj, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt_lib, "_save_hashing", full_disk)
+    monkeypatch.setattr(ckpt_lib, "save_hashing", full_disk)
     checkpointer = async_save(engine, tmp_path, 1)
     checkpointer.save(1)
     with pytest.raises(RuntimeError, match="asynchronous checkpoint save failed: .*No space left"):
@@ -235,7 +235,7 @@ checkpointer = ckpt_lib.Checkpointer(eng, run_dir, lambda s: ({"step": s}, {"rng
                                      async_save=True)
 checkpointer.save(1)
 checkpointer.wait()
-real, written = ckpt_lib._save_hashing, []
+real, written = ckpt_lib.save_hashing, []
 def slow(obj, path):  # the second file of step 2: half of it, then the process is killed
     if written:
         with open(path, "wb") as f:
@@ -245,7 +245,7 @@ def slow(obj, path):  # the second file of step 2: half of it, then the process 
         time.sleep(600)
     written.append(path)
     return real(obj, path)
-ckpt_lib._save_hashing = slow
+ckpt_lib.save_hashing = slow
 checkpointer.save(2)
 time.sleep(600)
 """
