@@ -86,15 +86,17 @@ def state_bwd_kernel(q_ptr, k_ptr, wk_ptr, gamma_ptr, seg_ptr, do_ptr, dwl_ptr, 
         G0 = state_block_load(dfinal_ptr, s0b, 0, vcols, DK, DV, BK)
         if NS >= 2:
             G1 = state_block_load(dfinal_ptr, s0b, 1, vcols, DK, DV, BK)
-        if NS >= 4:
+        if NS >= 3:
             G2 = state_block_load(dfinal_ptr, s0b, 2, vcols, DK, DV, BK)
+        if NS >= 4:
             G3 = state_block_load(dfinal_ptr, s0b, 3, vcols, DK, DV, BK)
     else:
         G0 = tl.zeros([BK, BV], dtype=tl.float32)
         if NS >= 2:
             G1 = tl.zeros([BK, BV], dtype=tl.float32)
-        if NS >= 4:
+        if NS >= 3:
             G2 = tl.zeros([BK, BV], dtype=tl.float32)
+        if NS >= 4:
             G3 = tl.zeros([BK, BV], dtype=tl.float32)
     krow0 = b * L * H * DK + h * DK
     qrow0 = b * T * H * DK + h * DK
@@ -109,10 +111,11 @@ def state_bwd_kernel(q_ptr, k_ptr, wk_ptr, gamma_ptr, seg_ptr, do_ptr, dwl_ptr, 
         if NS >= 2:
             state_block_store(dsend_ptr, sb, 1, vcols, G1, DK, DV, BK)
             KG = mma(load_rows(k_ptr, krow0, p, H * DK, kvalid, kc1, DK), G1.to(XD), KG, PREC)
-        if NS >= 4:
+        if NS >= 3:
             state_block_store(dsend_ptr, sb, 2, vcols, G2, DK, DV, BK)
-            state_block_store(dsend_ptr, sb, 3, vcols, G3, DK, DV, BK)
             KG = mma(load_rows(k_ptr, krow0, p, H * DK, kvalid, kc2, DK), G2.to(XD), KG, PREC)
+        if NS >= 4:
+            state_block_store(dsend_ptr, sb, 3, vcols, G3, DK, DV, BK)
             KG = mma(load_rows(k_ptr, krow0, p, H * DK, kvalid, kc3, DK), G3.to(XD), KG, PREC)
         gamma, seg = chunk_gates(gamma_ptr, seg_ptr, bh, b, c, Lp, C)
         dlast, a = last_row_decay(gamma_ptr, seg_ptr, gamma, seg, bh, b, c, Lp, C)
@@ -132,16 +135,18 @@ def state_bwd_kernel(q_ptr, k_ptr, wk_ptr, gamma_ptr, seg_ptr, do_ptr, dwl_ptr, 
         if NS >= 2:
             G1 = mma(tl.trans(load_rows(q_ptr, qrow0, t, H * DK, qvalid, kc1, DK)), dOs, a * G1, PREC)
             G1 = mma(tl.trans(load_rows(wk_ptr, wkb, p, DK, rows < C, kc1, DK)), mW, G1, PREC)
-        if NS >= 4:
+        if NS >= 3:
             G2 = mma(tl.trans(load_rows(q_ptr, qrow0, t, H * DK, qvalid, kc2, DK)), dOs, a * G2, PREC)
             G2 = mma(tl.trans(load_rows(wk_ptr, wkb, p, DK, rows < C, kc2, DK)), mW, G2, PREC)
+        if NS >= 4:
             G3 = mma(tl.trans(load_rows(q_ptr, qrow0, t, H * DK, qvalid, kc3, DK)), dOs, a * G3, PREC)
             G3 = mma(tl.trans(load_rows(wk_ptr, wkb, p, DK, rows < C, kc3, DK)), mW, G3, PREC)
     state_block_store(ds0_ptr, s0b, 0, vcols, G0, DK, DV, BK)
     if NS >= 2:
         state_block_store(ds0_ptr, s0b, 1, vcols, G1, DK, DV, BK)
-    if NS >= 4:
+    if NS >= 3:
         state_block_store(ds0_ptr, s0b, 2, vcols, G2, DK, DV, BK)
+    if NS >= 4:
         state_block_store(ds0_ptr, s0b, 3, vcols, G3, DK, DV, BK)
 
 

@@ -298,15 +298,17 @@ def state_fwd_kernel(k_ptr, u_ptr, wk_ptr, gamma_ptr, seg_ptr, s0_ptr, sstart_pt
         S0 = state_block_load(s0_ptr, s0b, 0, vcols, DK, DV, BK)
         if NS >= 2:
             S1 = state_block_load(s0_ptr, s0b, 1, vcols, DK, DV, BK)
-        if NS >= 4:
+        if NS >= 3:
             S2 = state_block_load(s0_ptr, s0b, 2, vcols, DK, DV, BK)
+        if NS >= 4:
             S3 = state_block_load(s0_ptr, s0b, 3, vcols, DK, DV, BK)
     else:
         S0 = tl.zeros([BK, BV], dtype=tl.float32)
         if NS >= 2:
             S1 = tl.zeros([BK, BV], dtype=tl.float32)
-        if NS >= 4:
+        if NS >= 3:
             S2 = tl.zeros([BK, BV], dtype=tl.float32)
+        if NS >= 4:
             S3 = tl.zeros([BK, BV], dtype=tl.float32)
     krow0 = b * L * H * DK + h * DK
     for c in range(NC):
@@ -318,10 +320,11 @@ def state_fwd_kernel(k_ptr, u_ptr, wk_ptr, gamma_ptr, seg_ptr, s0_ptr, sstart_pt
         if NS >= 2:
             state_block_store(sstart_ptr, sb, 1, vcols, S1, DK, DV, BK)
             WS = mma(load_rows(wk_ptr, wkb, p, DK, rows < C, kc1, DK), S1.to(XD), WS, PREC)
-        if NS >= 4:
+        if NS >= 3:
             state_block_store(sstart_ptr, sb, 2, vcols, S2, DK, DV, BK)
-            state_block_store(sstart_ptr, sb, 3, vcols, S3, DK, DV, BK)
             WS = mma(load_rows(wk_ptr, wkb, p, DK, rows < C, kc2, DK), S2.to(XD), WS, PREC)
+        if NS >= 4:
+            state_block_store(sstart_ptr, sb, 3, vcols, S3, DK, DV, BK)
             WS = mma(load_rows(wk_ptr, wkb, p, DK, rows < C, kc3, DK), S3.to(XD), WS, PREC)
         U = load_rows(u_ptr, bh * Lp * DV, p, DV, rows < C, vcols, DV)
         W = (U.to(tl.float32) - WS).to(SD)
@@ -332,14 +335,16 @@ def state_fwd_kernel(k_ptr, u_ptr, wk_ptr, gamma_ptr, seg_ptr, s0_ptr, sstart_pt
         S0 = mma(tl.trans(load_rows(k_ptr, krow0, p, H * DK, kvalid, kc, DK)), Wd, a * S0, PREC)
         if NS >= 2:
             S1 = mma(tl.trans(load_rows(k_ptr, krow0, p, H * DK, kvalid, kc1, DK)), Wd, a * S1, PREC)
-        if NS >= 4:
+        if NS >= 3:
             S2 = mma(tl.trans(load_rows(k_ptr, krow0, p, H * DK, kvalid, kc2, DK)), Wd, a * S2, PREC)
+        if NS >= 4:
             S3 = mma(tl.trans(load_rows(k_ptr, krow0, p, H * DK, kvalid, kc3, DK)), Wd, a * S3, PREC)
     state_block_store(final_ptr, s0b, 0, vcols, S0, DK, DV, BK)
     if NS >= 2:
         state_block_store(final_ptr, s0b, 1, vcols, S1, DK, DV, BK)
-    if NS >= 4:
+    if NS >= 3:
         state_block_store(final_ptr, s0b, 2, vcols, S2, DK, DV, BK)
+    if NS >= 4:
         state_block_store(final_ptr, s0b, 3, vcols, S3, DK, DV, BK)
 
 

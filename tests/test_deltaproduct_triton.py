@@ -206,6 +206,13 @@ def test_triton_matches_naive_head_dim_256(fp32_chunk_64):
     assert_triton_matches_naive(x, chunk_size=64)
 
 
+def test_triton_matches_naive_head_dim_160(fp32_chunk_64):
+    # dk = 160: three 64-row state blocks, the third masked (a walk that carried only 2 or 4
+    # blocks dropped rows 128..159); with an initial state and a gate.
+    x = make_inputs(T=36, n_h=2, init=True, gate=True, batch=1, heads=1, dk=160, dv=32)
+    assert_triton_matches_naive(x, chunk_size=64)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU numerics at head_dim 128: the tensor cores' operand rounding, emulated
 
