@@ -31,7 +31,8 @@ and writes its outputs).
 Normalisation. Per token per layer (DeltaProduct) or per element = channel × token (ParaRNN,
 scan). DeltaProduct is measured at --heads heads and scaled to the config's: every program
 belongs to one (batch, head) and reads no other head's data, so bytes, FLOPs and programs are
-linear in heads. Likewise ParaRNN and the scan are measured at --channels channels (default 64;
+linear in heads (the launch rule, which picks the state walks' dv block from the grid and the
+SM count, is shown the layer's micro-batch x heads: bench.kernel_traffic.run_deltaproduct_ours). Likewise ParaRNN and the scan are measured at --channels channels (default 64;
 the layer has 2048): their programs own blocks of channels and read no others, so bytes per
 element do not depend on the channel count, and programs scale with it. (The interpreter runs
 each program in Python: a full layer would take tens of minutes.) Counts per call are affine in T (per-chunk work, plus per-sequence work such
@@ -186,12 +187,20 @@ def deltaproduct_reference(q, k, v, beta, gate, do, chunk):
     return o.detach(), torch.autograd.grad(o, leaves, do.double())
 
 
-def run_deltaproduct_ours(T, H, c):
+def run_deltaproduct_ours(T, H, c, layer_bh):
+    """One sequence of H heads; the launch rule sees the layer's grid (layer_bh = micro-batch x
+    heads) on an H200's 132 SMs: its SM count is scaled by the measured share of that grid."""
+    from kernels.deltaproduct_triton import _Launch
+
     q, k, v, beta, gate, do = deltaproduct_inputs(T, H, c)
     bf = [x.bfloat16() for x in (q, k, v)]
     leaves = [x.requires_grad_(True) for x in (*bf, beta.clone(), gate.clone())]
-    o, fwd = measure(lambda: deltaproduct(*leaves, chunk_size=c["chunk_size"], backend="triton")[0])
-    grads, bwd = measure(lambda: torch.autograd.grad(o, leaves, do.bfloat16()))
+    saved, _Launch.SM_COUNT = _Launch.SM_COUNT, 132 * H / layer_bh
+    try:
+        o, fwd = measure(lambda: deltaproduct(*leaves, chunk_size=c["chunk_size"], backend="triton")[0])
+        grads, bwd = measure(lambda: torch.autograd.grad(o, leaves, do.bfloat16()))
+    finally:
+        _Launch.SM_COUNT = saved
     o_ref, g_ref = deltaproduct_reference(*(x.detach() for x in leaves), do.bfloat16(), c["chunk_size"])
     note = (f"max error / max |ref| vs the fp64 torch reference on the same inputs: o {rel_err(o, o_ref):.1e}, "
             f"dq {rel_err(grads[0], g_ref[0]):.1e}, dk {rel_err(grads[1], g_ref[1]):.1e}, "
@@ -472,6 +481,7 @@ def main(argv=None):
     dp = cfg["deltaproduct"]["model"]["deltaproduct"]
     seq_len = cfg["deltaproduct"]["data"]["seq_len"]
     tokens_per_batch = cfg["deltaproduct"]["train"]["micro_batch_size"] * seq_len
+    layer_bh = cfg["deltaproduct"]["train"]["micro_batch_size"] * dp["num_heads"]  # the layer's B·H
     Ts = args.seq_lens or ([128, 256] if args.quick else [256, 512])
     H = args.heads or (2 if args.quick else 4)
     gru_c, lstm_c = cfg["pararnn-gru"]["model"]["paragru"], cfg["pararnn-lstm"]["model"]["paralstm"]
@@ -502,7 +512,7 @@ def main(argv=None):
             continue
         for T in Ts:
             if case.op == "deltaproduct":
-                fwd, bwd, note = (run_deltaproduct_ours(T, H, dp) if case.impl == "ours"
+                fwd, bwd, note = (run_deltaproduct_ours(T, H, dp, layer_bh) if case.impl == "ours"
                                   else run_deltaproduct_fla(T, H, dp, fla_fn))
             elif case.op in ("paragru", "paralstm"):
                 fwd, bwd, note = run_pararnn(case.op, T, D, gru_c if case.op == "paragru" else lstm_c)

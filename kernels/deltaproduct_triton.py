@@ -33,11 +33,14 @@ operand rounding, tests/test_deltaproduct_triton.py):
 
 Launch rules (no autotuning that runs kernels): chunk-parallel kernels run one program per
 (chunk, batch·head) (dq: per dk block too) with the dk/dv blocks of _Launch.HALF_BLOCKS /
-FP32_BLOCKS, 4 warps; the two state walks run one program per (batch·head, dv block), the dv
-block the widest of 32 (fp32: 16) and 16 that still gives one program per SM (132 on H100/H200,
-the device's count on CUDA): 7B (B=1, H=32) launches 256 programs, 1B (B=4, H=16) 256. Every
-kernel compiles for sm_80 and sm_90 without register spills at head_dim 48..256 (checked with
-kernels.offline_compile; bench/gpu_compile.py at the shipped configs).
+FP32_BLOCKS, 4 warps; the two state walks run one program per (batch·head, dv block), the state
+in 64-row pieces, the dv block the widest the registers hold (state_dv_block: 64 at dk <= 128,
+32 at dk = 256, fp32 inputs 16), narrowed only where fewer than a quarter of the SMs (132 on
+H100/H200, the device's count on CUDA) would have a program: 1B (B=2, H=16) and 7B (B=1, H=32)
+launch 64 programs of 64 columns, as flash-linear-attention does at these shapes, each loading
+a chunk's K and Wk once per step. Every kernel compiles for sm_80 and sm_90 without register
+spills at head_dim 16..256 (checked with kernels.offline_compile; bench/gpu_compile.py at the
+shipped configs).
 """
 
 import os
@@ -54,6 +57,9 @@ __all__ = ["deltaproduct_triton", "CHUNK_SIZES", "MAX_DK"]
 
 CHUNK_SIZES = (16, 32, 64)  # the blocked inverse merges 1, 2 or 4 blocks of 16
 MAX_DK = 256
+# fp32 state elements one state-walk program holds (4 warps: 64 registers a thread), see
+# state_dv_block.
+STATE_ELEMS = 8192
 
 
 def _pow2(n):
@@ -67,8 +73,33 @@ def _sm_count(device) -> int:
     return 132
 
 
+def state_dv_block(BH, dk, dv, half, sms):
+    """BV, the dv block of one state-walk program (programs: BH · ⌈dv/BV⌉).
+
+    Each step of a walk loads its chunk's K and Wk (and Q in the backward), C×dk each, whatever
+    the program's dv block: a head split into dv/BV blocks reads them dv/BV times (at BV = 16 and
+    dk = dv = 128 that was 8x, 55% of the forward's bytes per token). So the block is the widest
+    the registers hold without spilling on sm_80/sm_90 (kernels.offline_compile): a state of at
+    most STATE_ELEMS fp32 per program (2 pieces of 64×64 at dk ≤ 128: BV = 64; 4 of 64×32 at
+    dk = 256: BV = 32), 16 for fp32 inputs (tf32x3 triples the dot operands). That leaves SMs
+    idle when B·H is small (1B/7B, B·H = 32: 64 programs on 132 SMs, as flash-linear-attention's
+    64-wide blocks): narrower blocks would each still load the step's whole K and Wk, only
+    splitting its dots. Only when fewer than a quarter of the SMs would have a program (B·H·dv/BV <
+    SMs/4) is the block halved (down to 16), spreading a short walk's dots over idle SMs."""
+    bv = min(_pow2(dv), 16 if not half else max(16, STATE_ELEMS // (64 * triton.cdiv(dk, 64))))
+    bv = 1 << (bv.bit_length() - 1)  # a power of two
+    while bv > 16 and 4 * BH * triton.cdiv(dv, bv) < sms:
+        bv //= 2
+    return bv
+
+
 class _Launch:
     """Sizes, block shapes, dtypes and launch parameters of one call."""
+
+    # The device's SM count for the state walks' launch rule (None: the device's own, 132
+    # off-GPU); bench/kernel_traffic.py sets it to measure a slice of a layer's heads at the
+    # layer's launch.
+    SM_COUNT = None
 
     # Dot input precision for fp32 inputs (16-bit operands ignore it); tests override it to show
     # what plain TF32 would cost.
@@ -80,7 +111,7 @@ class _Launch:
     FP32_MAX_CHUNK = 32
 
     # (BK, BV, num_warps, num_stages) per kernel: the dk / dv block of its loops (the state walks'
-    # BK is the state's row block, their BV comes from the SM count), chosen with
+    # BK is the state's row block, their BV comes from state_dv_block), chosen with
     # kernels.offline_compile so that every kernel compiles for sm_80 and sm_90 at head_dim
     # 48..256 with no register spill. 4 warps throughout: tiles are 64 rows (the chunk) and
     # Triton puts every warp of a dot chain on the rows, so 8 warps would only replicate them.
@@ -102,17 +133,17 @@ class _Launch:
         self.half = half = k.dtype in (torch.bfloat16, torch.float16)
         BKF, BVF = _pow2(self.dk), _pow2(self.dv)
 
-        # State walks: one program per (batch·head, dv block), the block the widest power of two
-        # in [16, 32] (fp32: 16) that still gives one program per SM (7B: B·H = 32 -> 16-wide,
-        # 256 programs); the state itself in blocks of 64 rows.
-        bv = min(BVF, 32 if half else 16)
-        while bv > 16 and self.BH * triton.cdiv(self.dv, bv) < _sm_count(device):
-            bv //= 2
+        # State walks: one program per (batch·head, dv block), the state in fp32 registers as
+        # NS = ⌈dk/64⌉ pieces of 64 rows × BV columns (state_dv_block gives BV).
+        sk = min(BKF, 64)
+        sms = _sm_count(device) if self.SM_COUNT is None else self.SM_COUNT
+        bv = state_dv_block(self.BH, self.dk, self.dv, half, sms)
         self.BVS = bv
         self.NVS = triton.cdiv(self.dv, bv)
-        sk = min(BKF, 64)
-        self.blocks = dict(state_fwd=(sk, bv, 4, 2 if (bv == 16 and half) else 1),
-                           state_bwd=(sk, bv, 4, 1))
+        # 16-bit forward: 2 stages, the next chunk's K, Wk and U loaded during this chunk's dots;
+        # the backward's spills on sm_80 at dk = dv = 128 (and fp32's tf32x3 operands fill the
+        # registers): 1 stage.
+        self.blocks = dict(state_fwd=(sk, bv, 4, 2 if half else 1), state_bwd=(sk, bv, 4, 1))
         for name, (kb, vb, w, st) in (self.HALF_BLOCKS if half else self.FP32_BLOCKS).items():
             self.blocks[name] = (min(kb, BKF), min(vb, BVF), w, st)
         # dq_kernel and dkw_kernel each write one γ-gradient part per dk block: one block size.

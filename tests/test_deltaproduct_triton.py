@@ -243,8 +243,10 @@ def test_plain_tf32_dots_would_miss_the_fp32_tolerance(monkeypatch):
     assert min(errs.values()) > TF32_NORM_FLOOR, errs
 
 
-def test_gpu_numerics_bf16_inputs_head_dim_128():
-    """bf16 inputs: 16-bit storage and bf16 dot operands (flash-linear-attention's choices)."""
+def test_gpu_numerics_bf16_inputs_head_dim_128(monkeypatch):
+    """bf16 inputs: 16-bit storage and bf16 dot operands (flash-linear-attention's choices). The
+    state walks launch as at the 1B/7B grids (B·H = 32 on 132 SMs): 64-column blocks."""
+    monkeypatch.setattr(dpt._Launch, "SM_COUNT", 132 / 32)
     x = as_layer_passes_bf16(_head_dim_128_inputs())
     with emulate_dot_precision("gpu"):
         o, S, grads = outputs_and_grads(deltaproduct, x, chunk_size=64, backend="triton")
@@ -263,6 +265,20 @@ def test_triton_bf16_inputs_dtypes_and_accuracy():
     for name in grads:
         assert grads[name].dtype == x[name].dtype, name
     assert_normwise_close(o, S, grads, x, chunk_size=C, tol=BF16_NORM_TOL, ran=True)
+
+
+def test_state_walks_dv_block_rule():
+    """The state walks' dv block (state_dv_block): the widest the registers hold, 64 columns at
+    dk <= 128 (the shipped configs: B·H = 32, 64 programs), 32 at dk = 256, 16 for fp32 inputs;
+    halved only while fewer than a quarter of the SMs would have a program."""
+    rule = dpt.state_dv_block
+    assert rule(32, 128, 128, True, 132) == 64  # 1B (B=2, H=16), 7B (B=1, H=32)
+    assert rule(64, 256, 256, True, 132) == 32  # four 64-row pieces
+    assert rule(64, 160, 160, True, 132) == 32  # three
+    assert rule(32, 128, 128, False, 132) == 16  # fp32: tf32x3 operands
+    assert rule(16, 128, 128, True, 132) == 32  # 32 programs < 132 / 4: 64 programs of 32
+    assert rule(1, 128, 128, True, 132) == 16
+    assert rule(32, 48, 48, True, 132) == 32  # smoke (B=8, H=4): dv 48 in 2 blocks of 32
 
 
 # ---------------------------------------------------------------------------------------------
