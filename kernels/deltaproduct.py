@@ -280,11 +280,16 @@ SELFCHECK_TOL = {torch.float32: 1e-2, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 
 def _self_checked(q, k, v, beta, g, initial_state, reset, scale, chunk_size, strict):
     """Whether the Triton kernels passed (now or earlier in the process) the self-check for the
-    shape class of this call: a slice of one batch row, every head, 2+ chunks and a ragged tail."""
+    shape class of this call: a slice of one batch row, every head, 2+ chunks and a ragged tail,
+    its state walks launched with the call's dv block (which depends on the batch)."""
+    from kernels.deltaproduct_triton import state_block_of
+
     n_h, H, dk, dv = k.shape[2], k.shape[3], k.shape[4], v.shape[-1]
+    state_block = state_block_of(q, k, v)
     shape_class = (f"H={H}", f"dk={dk}", f"dv={dv}", f"n_h={n_h}", f"chunk={chunk_size}",
                    f"qkv={q.dtype}", f"beta={beta.dtype}", f"gate={None if g is None else g.dtype}",
-                   f"initial_state={initial_state is not None}", f"reset={reset is not None}")
+                   f"initial_state={initial_state is not None}", f"reset={reset is not None}",
+                   f"state_block={state_block}")
 
     def check():
         from kernels.deltaproduct_triton import deltaproduct_triton
@@ -312,8 +317,8 @@ def _self_checked(q, k, v, beta, g, initial_state, reset, scale, chunk_size, str
         d_o = randn(1, t_slice, H, dv)
         d_final = randn(1, H, dk, dv)
         results = []
-        for fn in (deltaproduct_triton, deltaproduct_chunkwise):
-            o, final = fn(**inputs, scale=scale, reset=reset_slice, chunk_size=chunk_size)
+        for fn, extra in ((deltaproduct_triton, dict(state_block=state_block)), (deltaproduct_chunkwise, {})):
+            o, final = fn(**inputs, scale=scale, reset=reset_slice, chunk_size=chunk_size, **extra)
             loss = (o.float() * d_o).sum() + (final.float() * d_final).sum()
             grads = torch.autograd.grad(loss, list(leaves.values()))
             results.append([o, final, *grads])

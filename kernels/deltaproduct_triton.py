@@ -93,6 +93,14 @@ def state_dv_block(BH, dk, dv, half, sms):
     return bv
 
 
+def state_block_of(q, k, v):
+    """The state walks' dv block a call with these q, k, v launches (the self-check runs its
+    slice, of one batch row, with the block of the call it vouches for)."""
+    B, _, _, H, dk = k.shape
+    sms = _sm_count(q.device) if _Launch.SM_COUNT is None else _Launch.SM_COUNT
+    return state_dv_block(B * H, dk, v.shape[-1], q.dtype in (torch.bfloat16, torch.float16), sms)
+
+
 class _Launch:
     """Sizes, block shapes, dtypes and launch parameters of one call."""
 
@@ -120,7 +128,7 @@ class _Launch:
     FP32_BLOCKS = dict(wy_fwd=(32, 32, 4, 2), output_fwd=(32, 32, 4, 2), dv_local=(64, 64, 4, 2),
                        dq=(16, 32, 4, 2), dkw=(16, 32, 4, 2), wy_bwd=(16, 16, 4, 2))
 
-    def __init__(self, k, v, C, device):
+    def __init__(self, k, v, C, device, state_block=None):
         self.B, self.T, self.n_h, self.H, self.dk = k.shape
         self.dv = v.shape[-1]
         self.C = C
@@ -137,7 +145,7 @@ class _Launch:
         # NS = ⌈dk/64⌉ pieces of 64 rows × BV columns (state_dv_block gives BV).
         sk = min(BKF, 64)
         sms = _sm_count(device) if self.SM_COUNT is None else self.SM_COUNT
-        bv = state_dv_block(self.BH, self.dk, self.dv, half, sms)
+        bv = state_block or state_dv_block(self.BH, self.dk, self.dv, half, sms)
         self.BVS = bv
         self.NVS = triton.cdiv(self.dv, bv)
         # 16-bit forward: 2 stages, the next chunk's K, Wk and U loaded during this chunk's dots;
@@ -254,7 +262,7 @@ def _backward(q, k, v, beta, gamma, seg, Tm, Wk, W, S_start, do, dfinal, scale, 
 
 class DeltaProductTritonFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, initial_state, reset, scale, chunk_size):
+    def forward(ctx, q, k, v, beta, g, initial_state, reset, scale, chunk_size, state_block):
         dtypes = (q.dtype, k.dtype, v.dtype)
         q = q.contiguous()
         k, v = k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous()
@@ -264,19 +272,19 @@ class DeltaProductTritonFunction(torch.autograd.Function):
             chunk_size = min(chunk_size, _Launch.FP32_MAX_CHUNK)
         if os.environ.get("TRITON_INTERPRET") == "1":
             set_interpreter_bf16_upcast()
-        lc = _Launch(k, v, chunk_size, q.device)
+        lc = _Launch(k, v, chunk_size, q.device, state_block)
         gamma, seg = _gate_and_segments(g, reset, lc.B, lc.T, lc.n_h, lc.H, chunk_size, k.device)
         o, final, Tm, Wk, W, S_start = _forward(q, k, v, beta, gamma, seg, s0, scale, lc)
         ctx.save_for_backward(q, k, v, beta, gamma, seg, Tm, Wk, W, S_start)
         ctx.meta = (scale, chunk_size, dtypes, g is not None, g.dtype if g is not None else None,
-                    initial_state.dtype if initial_state is not None else None)
+                    initial_state.dtype if initial_state is not None else None, lc.BVS)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
         q, k, v, beta, gamma, seg, Tm, Wk, W, S_start = ctx.saved_tensors
-        scale, C, dtypes, has_g, g_dtype, s0_dtype = ctx.meta
-        lc = _Launch(k, v, C, q.device)
+        scale, C, dtypes, has_g, g_dtype, s0_dtype, state_block = ctx.meta
+        lc = _Launch(k, v, C, q.device, state_block)
         if os.environ.get("TRITON_INTERPRET") == "1":
             set_interpreter_bf16_upcast()
         if do is None:
@@ -294,15 +302,16 @@ class DeltaProductTritonFunction(torch.autograd.Function):
             dg = dg_sub[:, :, :lc.L].reshape(B, H, T, n_h)[..., 0].transpose(1, 2).to(g_dtype)
         ds0 = ds0.to(s0_dtype) if s0_dtype is not None else None
         return (dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), dbeta, dg, ds0, None, None,
-                None)
+                None, None)
 
 
 def deltaproduct_triton(q, k, v, beta, g=None, scale=None, initial_state=None, reset=None,
-                        chunk_size=64):
+                        chunk_size=64, state_block=None):
     """Gated DeltaProduct through the Triton kernels; same contract as deltaproduct_chunkwise.
 
-    Shapes are checked by the caller (kernels.deltaproduct.deltaproduct). Returns
-    (o [B,T,H,dv] in q's dtype, final_state [B,H,dk,dv] fp32).
+    Shapes are checked by the caller (kernels.deltaproduct.deltaproduct). state_block: the state
+    walks' dv block (None: the launch rule, state_dv_block). Returns (o [B,T,H,dv] in q's dtype,
+    final_state [B,H,dk,dv] fp32).
     """
     dk, dv = k.shape[-1], v.shape[-1]
     # The state walks hold the state in at most four blocks of 64 rows: dk <= 256.
@@ -312,4 +321,4 @@ def deltaproduct_triton(q, k, v, beta, g=None, scale=None, initial_state=None, r
             f"dv >= 16; got chunk_size={chunk_size}, dk={dk}, dv={dv}")
     scale = dk**-0.5 if scale is None else float(scale)
     return DeltaProductTritonFunction.apply(q, k, v, beta, g, initial_state, reset, scale,
-                                            chunk_size)
+                                            chunk_size, state_block)

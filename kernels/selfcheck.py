@@ -3,11 +3,11 @@
 The Triton kernels are validated offline (interpreter tests, the offline compile check), but a
 user's GPU, driver or Triton build can still break one. So the first time a kernel is dispatched
 at a new *shape class* (the things its compiled code depends on: head size, chunk, dtype, which
-optional inputs are present), the dispatcher runs it once on a small random slice of that class
-(forward and backward) beside the torch reference and compares. On an exception or a mismatch
-it prints one loud line naming the kernel, the class and the error, and that class runs on the
-torch reference for the rest of the process; with ``strict=True`` (``train.kernel_backend=triton``)
-the failure is raised instead. Verdicts are cached per process; ``report()`` lists them.
+optional inputs are present, block sizes chosen at launch), the dispatcher runs it once on a small
+random slice of that class (forward and backward) beside the torch reference and compares. On an
+exception or a mismatch it prints one loud line naming the kernel, the class and the error, and
+that class runs on the torch reference for the rest of the process; with ``strict=True``
+(``train.kernel_backend=triton``) the failure is raised instead. Verdicts are cached per process; ``report()`` lists them.
 
 The slice uses its own generator, never the global RNG (exact resume depends on it), and runs
 under ``torch.enable_grad()`` on fresh tensors, so it does not touch the caller's graph.

@@ -120,6 +120,27 @@ def test_shape_classes_are_checked_separately(patch_kernel):
     assert kernel.calls == 4 and len(selfcheck.report()) == 2
 
 
+def test_the_slice_launches_the_state_walks_as_the_call_does(patch_kernel, monkeypatch):
+    """The state walks' dv block depends on the batch (state_dv_block); the slice, of one batch
+    row, must run the kernels the call runs: bf16, B=2 on 6 SMs gives 32 columns, B=1 alone 16."""
+    monkeypatch.setattr(dpt._Launch, "SM_COUNT", 6)
+    kernel = patch_kernel()
+    seen = []
+    real = kernel.real
+    kernel.real = lambda *a, **kw: (seen.append(kw.get("state_block")), real(*a, **kw))[1]
+    gen = torch.Generator().manual_seed(0)
+    x = dict(q=F.normalize(torch.randn(2, T, H, DK, generator=gen), dim=-1),
+             k=F.normalize(torch.randn(2, T, NH, H, DK, generator=gen), dim=-1),
+             v=torch.randn(2, T, NH, H, 32, generator=gen), beta=2 * torch.rand(2, T, NH, H, generator=gen))
+    x.update({n: x[n].bfloat16() for n in ("q", "k", "v")})
+    assert dpt.state_block_of(x["q"][:1], x["k"][:1], x["v"][:1]) == 16
+    with selfcheck.force_on_cpu():
+        deltaproduct(**x, chunk_size=C, backend="auto")
+    (verdict,) = selfcheck.report()
+    assert verdict.ok and "state_block=32" in verdict.shape_class, verdict
+    assert seen == [32, None]  # the slice forced to the call's block; the call by the rule (32)
+
+
 def test_without_force_cpu_tensors_never_run_the_check(patch_kernel):
     kernel = patch_kernel("forward")
     o, _ = deltaproduct(**inputs(), chunk_size=C, backend="auto")
