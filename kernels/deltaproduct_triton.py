@@ -40,8 +40,8 @@ H100/H200, the device's count on CUDA) would have a program: 1B (B=2, H=16) and 
 launch 64 programs of 64 columns, as flash-linear-attention does at these shapes, each loading
 a chunk's K and Wk once per step. Every kernel compiles for sm_80 and sm_90 without register
 spills at head_dim 16..256 for 16-bit inputs and 16..128 for fp32 inputs (checked with
-kernels.offline_compile; bench/gpu_compile.py at the shipped configs); at dk 192..256 the fp32
-state walks spill 16-40 B per thread (tf32x3 operands; no shipped config runs them).
+kernels.offline_compile; bench/gpu_compile.py at the shipped configs); above 128 the fp32
+state walks spill 16-64 B per thread (tf32x3 operands; no shipped config runs them).
 """
 
 import os
