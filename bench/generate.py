@@ -33,9 +33,10 @@ import torch
 from launch.errors import run_cli
 from pretrain.config import ConfigError, load_config
 from pretrain.model import LanguageModel
+from pretrain.registry import MIXERS as REGISTERED
 
 RESULTS = Path(__file__).parent / "results" / "generate.md"
-MIXERS = ("paragru", "paralstm", "deltaproduct", "attention")
+MIXERS = tuple(REGISTERED)  # every registered mixer (pretrain/registry.py)
 
 
 def models_to_measure(args) -> list[tuple[str, LanguageModel]]:

@@ -59,20 +59,23 @@ class Row:
 
 
 def layer_shapes(cfg):
-    """{mixer: dict of one layer's per-rank sizes} for the recurrent mixers a config uses."""
+    """{mixer: dict of one layer's per-rank sizes} for the mixers of a config that run a Triton
+    kernel family (their registry entry's `kernel`), with "kernel" naming it."""
+    from pretrain.registry import MIXERS
+
     m, tp, sp = cfg.model, cfg.parallel.tp, cfg.parallel.sp
     B, T = cfg.train.micro_batch_size, cfg.data.seq_len // sp
     mixers = [m.mixers] if isinstance(m.mixers, str) else list(m.mixers)
     out = {}
     for name in dict.fromkeys(mixers):
-        if name in ("paragru", "paralstm"):
-            c = getattr(m, name)
-            out[name] = dict(B=B, T=T, D=int(c.expand * m.d_model) // tp, tol=c.tol,
+        spec = MIXERS[name]
+        c = spec.section_of(m)
+        if spec.kernel == "pararnn":
+            out[name] = dict(kernel=spec.module.cell, B=B, T=T, D=int(c.expand * m.d_model) // tp, tol=c.tol,
                              num_iters=c.num_iters, max_iters=c.max_iters)
-        elif name == "deltaproduct":
-            c = m.deltaproduct
-            out[name] = dict(B=B, T=T, H=c.num_heads // tp, dk=c.head_dim, dv=int(c.head_dim * c.expand_v),
-                             nh=c.num_householder, C=c.chunk_size)
+        elif spec.kernel == "deltaproduct":
+            out[name] = dict(kernel="deltaproduct", B=B, T=T, H=c.num_heads // tp, dk=c.head_dim,
+                             dv=int(c.head_dim * c.expand_v), nh=c.num_householder, C=c.chunk_size)
     return out
 
 
@@ -92,7 +95,7 @@ def drive(mixer: str, s: dict, dtype: torch.dtype):
 
     B, T = s["B"], s["T"]
     reset = _resets(B, T)
-    if mixer == "deltaproduct":
+    if s["kernel"] == "deltaproduct":
         H, dk, dv, nh = s["H"], s["dk"], s["dv"], s["nh"]
         q = torch.randn(B, T, H, dk, dtype=dtype, requires_grad=True)
         k = torch.randn(B, T, nh, H, dk, dtype=dtype, requires_grad=True)
@@ -111,7 +114,7 @@ def drive(mixer: str, s: dict, dtype: torch.dtype):
     u = torch.randn(B, T, 3, D, dtype=dtype, requires_grad=True)
     a = torch.randn(3, D, requires_grad=True)
     solver = dict(num_iters=s["num_iters"], tol=s["tol"], max_iters=s["max_iters"], backend="triton")
-    if mixer == "paragru":
+    if s["kernel"] == "paragru":
         h, _, _ = paragru(u, a, reset=reset, **solver)
         A, b = torch.rand(B, T, D), torch.randn(B, T, D)
     else:
@@ -134,7 +137,7 @@ def run(configs, targets, dtypes, log=print):
     for path in configs:
         cfg = load_config(path)
         for mixer, s in layer_shapes(cfg).items():
-            shape = ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("tol", "num_iters", "max_iters"))
+            shape = ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("kernel", "tol", "num_iters", "max_iters"))
             for tname in targets:
                 for dname in dtypes:
                     t0 = time.time()

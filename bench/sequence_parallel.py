@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 
 from parallel.spawn import run_gloo
+from pretrain.registry import MIXERS as REGISTERED
 
-MIXERS = ["paragru", "paralstm", "deltaproduct", "attention"]
+MIXERS = list(REGISTERED)  # every registered mixer (pretrain/registry.py)
 BATCH, D_MODEL = 2, 128
 
 

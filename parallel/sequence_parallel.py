@@ -12,7 +12,7 @@ One all-gather of a [B, D]-sized summary per scan, whatever the piece length.
 - SequenceBoundary / sp_pararnn_kwargs: what ParaRNN needs on top (kernels/pararnn.py
   `boundary`): the previous piece's last state, the next piece's first Jacobian, a global max.
 - sp_deltaproduct: DeltaProduct over pieces, differentiable by autograd.
-- sp_conv_halo / halo_conv_forward: the kernel-1 positions a causal conv needs from the
+- sp_conv_halo / conv_with_halo: the kernel-1 positions a causal conv needs from the
   previous piece.
 - seq_to_head / head_to_seq / ulysses_attention: DeepSpeed-Ulysses all-to-all around an
   attention core.
@@ -24,7 +24,6 @@ that piece's transition summary, so nothing from earlier pieces flows past it.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from kernels.deltaproduct import apply_deltaproduct_summary, deltaproduct, deltaproduct_summary
 from kernels.scan import apply_summary, compose_scan_summaries, linear_scan
@@ -212,19 +211,18 @@ def sp_conv_halo(x, doc_start, halo: int, group):
     return x_ext, torch.cat([ds_halo, doc_start.to(torch.bool)], dim=1)
 
 
-def halo_conv_forward(conv: nn.Module, group):
-    """conv's forward (x [B,T,C], doc_start) made to see the previous piece: the previous rank's
-    last kernel_size - 1 positions are prepended (sp_conv_halo) and the output on them dropped.
-    The conv keeps its parameters (replicated over sp); apply_sequence_parallel installs this as
-    the conv's forward."""
-    inner, halo = conv.forward, conv.kernel_size - 1
+def conv_with_halo(conv, halo: int, group):
+    """A causal conv op conv(x [B,T,C], weight, doc_start) made to see the previous piece: the
+    previous rank's last `halo` (kernel_size - 1) positions are prepended (sp_conv_halo) and the
+    output on them dropped. The weight stays replicated over sp; pretrain/plans.py installs this
+    as a ShortConv's sequence_op."""
 
-    def forward(x, doc_start=None):
+    def op(x, weight, doc_start=None):
         x_ext, ds_ext = sp_conv_halo(x, doc_start, halo, group)
-        y = inner(x_ext, ds_ext)
+        y = conv(x_ext, weight, ds_ext)
         return y[:, y.shape[1] - x.shape[1]:]
 
-    return forward
+    return op
 
 
 # ---------------------------------------------------------------------------------------------

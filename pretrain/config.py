@@ -16,6 +16,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from pretrain.mixers import AttentionConfig, DeltaProductConfig, ParaRNNConfig  # noqa: F401 (re-exported)
+from pretrain.registry import MIXERS, sections
+
 
 class ConfigError(ValueError):
     """A configuration a user wrote that cannot be used; the message is one line."""
@@ -25,61 +28,39 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ParaRNNConfig:
-    expand: float = 1.0           # hidden channels = expand * d_model
-    num_heads: int = 4            # the input projection B is block-diagonal over heads
-    num_iters: int = 3            # Newton iterations (the paper converges in 3-4)
-    tol: Optional[float] = 1e-3   # residual above which more iterations run, then a warning
-    max_iters: int = 6            # cap on iterations when the residual is above tol
-    # Newton trust region: every step is clamped elementwise to [-damping, damping]. 2.0 is the
-    # width of the box the states live in (|h|, |c| <= 1), so it never cuts a step that stays
-    # inside it, and it stops the huge steps that make strongly nonlinear cells diverge; null: off.
-    damping: Optional[float] = 2.0
-
-
-@dataclass
-class DeltaProductConfig:
-    num_heads: int = 4            # heads per layer (split over tensor-parallel ranks)
-    head_dim: int = 64            # dk: key/query size per head (the Triton kernels take 16-256)
-    expand_v: float = 1.0         # dv = expand_v * head_dim
-    num_householder: int = 2      # n_h Householder factors per token
-    allow_neg_eigval: bool = True  # beta = 2*sigmoid (state tracking) instead of sigmoid
-    use_forget_gate: bool = True  # the gate g = -exp(A_log) * softplus(a(x) + dt_bias) decays the state
-    use_short_conv: bool = True   # causal depthwise conv (SiLU) on q, k, v
-    conv_size: int = 4            # the short conv's kernel size
-    chunk_size: int = 64          # sub-steps per chunk of the chunkwise form (Triton: 16, 32 or 64)
-
-
-@dataclass
-class AttentionConfig:
-    num_heads: int = 4            # heads per layer (split over tensor-parallel ranks)
-    rope_theta: float = 10000.0   # rotary embedding base
-    doc_mask: bool = True         # tokens attend only within their own document
-
-
-@dataclass
-class ModelConfig:
+class ModelConfigBase:
     vocab_size: int = 1024        # must be >= the tokenizer's vocabulary
     d_model: int = 256            # residual stream width
     n_layers: int = 4
-    # One mixer name per layer, or a single name for every layer.
-    mixers: list[Literal["paragru", "paralstm", "deltaproduct", "attention"]] = field(
-        default_factory=lambda: ["paragru", "deltaproduct", "attention", "paragru"])
+    # One mixer name per layer, or a single name for every layer (the names of pretrain/registry.py).
+    mixers: list[str] = field(default_factory=lambda: ["paragru", "deltaproduct", "attention", "paragru"])
     mlp_ratio: float = 8 / 3      # SwiGLU hidden = mlp_ratio * d_model, rounded up to mlp_multiple
     mlp_multiple: int = 64
     tie_embeddings: bool = True   # the output head shares the embedding matrix
     norm_eps: float = 1e-5        # RMSNorm epsilon
     init_std: float = 0.02        # std of the normal initialisation of weights
     reset_at_doc_start: bool = True  # recurrent state and conv windows restart at each document
-    paragru: ParaRNNConfig = field(default_factory=ParaRNNConfig)
-    paralstm: ParaRNNConfig = field(default_factory=ParaRNNConfig)
-    deltaproduct: DeltaProductConfig = field(default_factory=DeltaProductConfig)
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
 
     def layer_mixers(self) -> list[str]:
         if len(self.mixers) == 1:
             return list(self.mixers) * self.n_layers
         return list(self.mixers)
+
+
+def _model_config_class() -> type:
+    """ModelConfig: ModelConfigBase plus one section per registered mixer section (model.<section>,
+    the mixer's config dataclass with the registry entry's defaults), and model.mixers restricted
+    to the registered names, so that a new registry entry is a new config section by itself."""
+    default_mixers = next(f for f in dataclasses.fields(ModelConfigBase) if f.name == "mixers").default_factory
+    fields = [("mixers", list[Literal[tuple(MIXERS)]], field(default_factory=default_mixers))]
+    for key, spec in sections().items():
+        fields.append((key, spec.config, field(default_factory=spec.default_section)))
+    cls = dataclasses.make_dataclass("ModelConfig", fields, bases=(ModelConfigBase,))
+    cls.__module__, cls.__qualname__ = __name__, "ModelConfig"  # picklable as pretrain.config.ModelConfig
+    return cls
+
+
+ModelConfig = _model_config_class()
 
 
 # ----------------------------------------------------------------------------- data / train
@@ -313,15 +294,6 @@ def _check_ranges(cfg: Config) -> None:
         ("model.mlp_multiple", m.mlp_multiple, m.mlp_multiple > 0, positive),
         ("model.norm_eps", m.norm_eps, m.norm_eps > 0, positive),
         ("model.init_std", m.init_std, m.init_std > 0, positive),
-        ("model.deltaproduct.num_heads", m.deltaproduct.num_heads, m.deltaproduct.num_heads > 0, positive),
-        ("model.deltaproduct.head_dim", m.deltaproduct.head_dim, m.deltaproduct.head_dim > 0, positive),
-        ("model.deltaproduct.expand_v", m.deltaproduct.expand_v, m.deltaproduct.expand_v > 0, positive),
-        ("model.deltaproduct.num_householder", m.deltaproduct.num_householder, m.deltaproduct.num_householder > 0,
-         positive),
-        ("model.deltaproduct.conv_size", m.deltaproduct.conv_size, m.deltaproduct.conv_size > 0, positive),
-        ("model.deltaproduct.chunk_size", m.deltaproduct.chunk_size, m.deltaproduct.chunk_size > 0, positive),
-        ("model.attention.num_heads", m.attention.num_heads, m.attention.num_heads > 0, positive),
-        ("model.attention.rope_theta", m.attention.rope_theta, m.attention.rope_theta > 0, positive),
         ("data.seq_len", d.seq_len, d.seq_len > 0, positive),
         ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
         ("data.prefetch_factor", d.prefetch_factor, d.prefetch_factor >= 1, ">= 1"),
@@ -351,18 +323,8 @@ def _check_ranges(cfg: Config) -> None:
         ("parallel.zero_stage", p.zero_stage, p.zero_stage in (0, 1, 2, 3), "one of 0, 1, 2, 3"),
         ("logging.log_every", cfg.logging.log_every, cfg.logging.log_every > 0, positive),
     ]
-    for name in ("paragru", "paralstm"):
-        rnn = getattr(m, name)
-        rules += [
-            (f"model.{name}.expand", rnn.expand, rnn.expand > 0, positive),
-            (f"model.{name}.num_heads", rnn.num_heads, rnn.num_heads > 0, positive),
-            (f"model.{name}.num_iters", rnn.num_iters, rnn.num_iters > 0, positive),
-            (f"model.{name}.max_iters", rnn.max_iters, rnn.tol is None or rnn.max_iters >= rnn.num_iters,
-             f">= model.{name}.num_iters={rnn.num_iters} (with a tol it caps the iterations)"),
-            (f"model.{name}.tol", rnn.tol, rnn.tol is None or rnn.tol > 0, "> 0 or null (never iterate further)"),
-            (f"model.{name}.damping", rnn.damping, rnn.damping is None or rnn.damping > 0,
-             "> 0 (the largest Newton step per element) or null (no clamp)"),
-        ]
+    for section, spec in sections().items():
+        rules += spec.ranges(getattr(m, section), f"model.{section}")
     for key, value, ok, valid in rules:
         if not ok:  # `not ok` also catches nan, whose every comparison is False
             raise ConfigError(f"{key} must be {valid}, got {value!r}")
@@ -375,14 +337,11 @@ def validate(cfg: Config) -> Config:
     if len(mixers) != m.n_layers:
         raise ConfigError(f"model.mixers has {len(m.mixers)} entries but model.n_layers={m.n_layers}; "
                           f"give one mixer per layer or a single mixer for all")
-    for name in ("paragru", "paralstm"):
-        rnn = getattr(m, name)
-        hidden = int(rnn.expand * m.d_model)
-        if name in mixers and (hidden < rnn.num_heads or hidden % rnn.num_heads or m.d_model % rnn.num_heads):
-            raise ConfigError(f"model.{name}.num_heads={rnn.num_heads} must divide d_model={m.d_model} "
-                              f"and the hidden size {hidden} (expand={rnn.expand} x d_model)")
-    if "attention" in mixers and m.d_model % m.attention.num_heads:
-        raise ConfigError(f"model.attention.num_heads={m.attention.num_heads} must divide d_model={m.d_model}")
+    for name in dict.fromkeys(mixers):
+        spec = MIXERS[name]
+        error = spec.validate(m, spec.section_of(m), f"model.{spec.section}")
+        if error:
+            raise ConfigError(error)
     return cfg
 
 
@@ -436,7 +395,16 @@ def config_from_dict(values: dict) -> Config:
 
 def _field_comments(cls: type) -> dict[str, str]:
     """field name -> its comment in the class source (trailing, or the full-line comments just
-    above it): the help text lives beside the default it explains, in one place."""
+    above it): the help text lives beside the default it explains, in one place. A class made
+    at run time (ModelConfig) takes its fields' comments from its bases' source."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            comments.update(_own_field_comments(klass))
+    return comments
+
+
+def _own_field_comments(cls: type) -> dict[str, str]:
     import inspect
     import io
     import tokenize
@@ -471,16 +439,15 @@ def config_help() -> str:
     """Every config key with its type, default and help, one per line, grouped by section."""
     lines = []
 
-    def walk(cls: type, prefix: str) -> None:
+    def walk(cls: type, prefix: str, default_obj) -> None:
         hints = typing.get_type_hints(cls)
         comments = _field_comments(cls)
-        default_obj = cls()
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
             value = getattr(default_obj, f.name)
             if dataclasses.is_dataclass(value):
                 lines.append(f"\n{prefix}{f.name}:")
-                walk(type(value), f"{prefix}{f.name}.")
+                walk(type(value), f"{prefix}{f.name}.", value)
                 continue
             default = "null" if value is None else json.dumps(value) if isinstance(value, (list, str, bool)) else value
             text = f"  {prefix}{f.name} ({_type_name(tp)}, default {default})"
@@ -488,5 +455,5 @@ def config_help() -> str:
                 text += f": {comments[f.name]}"
             lines.append(text)
 
-    walk(Config, "")
+    walk(Config, "", Config())
     return "config keys (set in the YAML file or as section.key=value):" + "\n".join(lines)

@@ -101,37 +101,55 @@ def _swiglu_hidden(cfg) -> int:
     return cfg.mlp_multiple * math.ceil(cfg.mlp_ratio * cfg.d_model / cfg.mlp_multiple)
 
 
+def pararnn_mixer_flops(cfg, c, seq_len: int, num_iters: int | None = None, form: str = "algorithm", *,
+                        cell: str) -> dict[str, tuple[float, float]]:
+    """A ParaRNN mixer (cell "paragru" or "paralstm", section c): projections and the Newton solve."""
+    d = cfg.d_model
+    hidden = int(c.expand * d)
+    # in_proj is block-diagonal over heads: 3 gates x (d/H -> hidden/H) per head.
+    proj = linear_flops(d, 3 * hidden) / c.num_heads + linear_flops(hidden, d)
+    iters = c.num_iters if num_iters is None else num_iters
+    return {"proj": (proj, 2 * proj), "newton": pararnn_solver_flops(cell, hidden, iters)}
+
+
+def deltaproduct_mixer_flops(cfg, c, seq_len: int, num_iters: int | None = None,
+                             form: str = "algorithm") -> dict[str, tuple[float, float]]:
+    """A DeltaProduct mixer (section c): projections, short convs and the chunkwise recurrence."""
+    d = cfg.d_model
+    H, dk, nh = c.num_heads, c.head_dim, c.num_householder
+    dv = int(dk * c.expand_v)
+    widths = [H * dk, nh * H * dk, nh * H * dv, nh * H, H * dv]  # q, k, v, beta, output gate
+    if c.use_forget_gate:
+        widths.append(H)
+    proj = sum(linear_flops(d, w) for w in widths) + linear_flops(H * dv, d)
+    out = {"proj": (proj, 2 * proj)}
+    if c.use_short_conv:
+        conv = 2.0 * c.conv_size * (H * dk + nh * H * dk + nh * H * dv)
+        out["conv"] = (conv, 2 * conv)
+    rec = deltaproduct_recurrence_flops(seq_len, H, dk, dv, nh, c.chunk_size, form)
+    out["chunk"] = (rec, 2 * rec)
+    return out
+
+
+def attention_mixer_flops(cfg, c, seq_len: int, num_iters: int | None = None,
+                          form: str = "algorithm") -> dict[str, tuple[float, float]]:
+    """Causal attention: the projections and QK^T, AV."""
+    d = cfg.d_model
+    proj = linear_flops(d, 3 * d) + linear_flops(d, d)
+    scores = attention_score_flops(seq_len, d, causal=True)
+    return {"proj": (proj, 2 * proj), "scores": (scores, 2 * scores)}
+
+
 def mixer_flops(cfg, mixer: str, seq_len: int, num_iters: int | None = None,
                 deltaproduct_form: str = "algorithm") -> dict[str, tuple[float, float]]:
-    """{term: (forward, backward)} FLOPs per token of one layer's mixer."""
-    d = cfg.d_model
-    if mixer in ("paragru", "paralstm"):
-        rnn = getattr(cfg, mixer)
-        hidden = int(rnn.expand * d)
-        # in_proj is block-diagonal over heads: 3 gates x (d/H -> hidden/H) per head.
-        proj = linear_flops(d, 3 * hidden) / rnn.num_heads + linear_flops(hidden, d)
-        iters = rnn.num_iters if num_iters is None else num_iters
-        return {"proj": (proj, 2 * proj), "newton": pararnn_solver_flops(mixer, hidden, iters)}
-    if mixer == "deltaproduct":
-        c = cfg.deltaproduct
-        H, dk, nh = c.num_heads, c.head_dim, c.num_householder
-        dv = int(dk * c.expand_v)
-        widths = [H * dk, nh * H * dk, nh * H * dv, nh * H, H * dv]  # q, k, v, beta, output gate
-        if c.use_forget_gate:
-            widths.append(H)
-        proj = sum(linear_flops(d, w) for w in widths) + linear_flops(H * dv, d)
-        out = {"proj": (proj, 2 * proj)}
-        if c.use_short_conv:
-            conv = 2.0 * c.conv_size * (H * dk + nh * H * dk + nh * H * dv)
-            out["conv"] = (conv, 2 * conv)
-        rec = deltaproduct_recurrence_flops(seq_len, H, dk, dv, nh, c.chunk_size, deltaproduct_form)
-        out["chunk"] = (rec, 2 * rec)
-        return out
-    if mixer == "attention":
-        proj = linear_flops(d, 3 * d) + linear_flops(d, d)
-        scores = attention_score_flops(seq_len, d, causal=True)
-        return {"proj": (proj, 2 * proj), "scores": (scores, 2 * scores)}
-    raise ValueError(f"unknown mixer {mixer!r}; valid: paragru, paralstm, deltaproduct, attention")
+    """{term: (forward, backward)} FLOPs per token of one layer's mixer (its MixerSpec's formula).
+
+    deltaproduct_form: which chunkwise form a DeltaProduct-family mixer counts (see
+    deltaproduct_chunk_macs)."""
+    from pretrain.registry import mixer_spec  # the registry imports this module for its formulas
+
+    spec = mixer_spec(mixer)
+    return spec.flops(cfg, spec.section_of(cfg), seq_len, num_iters, deltaproduct_form)
 
 
 def model_flops_per_token(cfg, seq_len: int, num_iters: int | None = None,

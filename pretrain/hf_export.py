@@ -18,6 +18,7 @@ Writing the directory needs neither transformers nor anything beyond this packag
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import json
 import shutil
@@ -31,6 +32,7 @@ import kernels.pararnn
 import pretrain.config
 import pretrain.mixers
 import pretrain.model
+import pretrain.registry
 
 HF_FORMAT = "recurrent-pretrain-hf/1"
 MODEL_TYPE = "recurrent_lm"
@@ -42,7 +44,7 @@ HF_FILES = {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_co
 
 # What the modeling file carries, in order: (module, names to copy; None = every definition).
 COPIED = [
-    (pretrain.config, ["ParaRNNConfig", "DeltaProductConfig", "AttentionConfig", "ModelConfig"]),
+    (pretrain.config, ["ModelConfigBase"]),
     (kernels.pararnn, ["ParaGRUCell", "ParaLSTMCell", "_compute_dtype", "_sequential",
                        "paragru_sequential", "paralstm_sequential"]),
     (kernels.deltaproduct, ["_check_shapes", "deltaproduct_naive", "deltaproduct_step"]),
@@ -86,6 +88,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, Optional
 
 import torch
@@ -120,11 +123,6 @@ def deltaproduct(q, k, v, beta, g=None, scale=None, initial_state=None, reset=No
 def model_flops_per_token(cfg, seq_len):
     raise NotImplementedError("FLOP counts live in recurrent-pretrain's pretrain/flops.py")
 
-
-def model_config_from_dict(values):
-    nested = {"paragru": ParaRNNConfig, "paralstm": ParaRNNConfig, "deltaproduct": DeltaProductConfig,
-              "attention": AttentionConfig}
-    return ModelConfig(**{k: nested[k](**v) if k in nested else v for k, v in values.items()})
 '''
 
 _HF_CLASSES = '''
@@ -267,11 +265,42 @@ class RecurrentLMTokenizer(PreTrainedTokenizer):
 '''
 
 
+def _registry_source() -> str:
+    """What pretrain/registry.py and config.py make at run time, written out for the mixers that are
+    registered: ModelConfig with one field per mixer section (its registry defaults), reading it
+    back from a dict, and build_mixer by name."""
+    base = {f.name for f in dataclasses.fields(pretrain.config.ModelConfigBase)}
+    lines = ["@dataclass", "class ModelConfig(ModelConfigBase):"]
+    for f in dataclasses.fields(pretrain.config.ModelConfig):
+        if f.name not in base:
+            default = f.default_factory()
+            lines.append(f"    {f.name}: {type(default).__name__} = field(default_factory=lambda: {default!r})")
+    sections = {key: spec.config.__name__ for key, spec in pretrain.registry.sections().items()}
+    mixers = {name: (spec.module.__name__, spec.section) for name, spec in pretrain.registry.MIXERS.items()}
+    return "\n".join(lines) + f'''
+
+
+_SECTIONS = {{{", ".join(f"{k!r}: {v}" for k, v in sections.items())}}}
+_MIXERS = {{{", ".join(f"{k!r}: ({m}, {sec!r})" for k, (m, sec) in mixers.items())}}}
+
+
+def model_config_from_dict(values):
+    return ModelConfig(**{{k: _SECTIONS[k](**v) if k in _SECTIONS else v for k, v in values.items()}})
+
+
+def build_mixer(cfg, name, layer_idx):
+    module, section = _MIXERS[name]
+    return module(cfg, getattr(cfg, section), layer_idx)
+'''
+
+
 def modeling_source() -> str:
-    """The text of modeling_recurrent_lm.py."""
+    """The text of modeling_recurrent_lm.py. The recurrences come first: the copied mixers refer
+    to them when their classes are made."""
     body = "\n\n\n".join(f"# ---- copied from {module.__name__.replace('.', '/')}.py\n\n{_definitions(module, names)}"
                          for module, names in COPIED)
-    return _MODELING_HEADER.format(model_type=MODEL_TYPE) + body + "\n" + _RECURRENCES + _HF_CLASSES
+    return (_MODELING_HEADER.format(model_type=MODEL_TYPE) + _RECURRENCES.lstrip("\n") + "\n\n" + body
+            + "\n\n\n# ---- made from pretrain/registry.py\n\n" + _registry_source() + _HF_CLASSES)
 
 
 def write_hf_directory(out: Path, model_cfg: dict, state: dict[str, torch.Tensor], tokenizer: Path,

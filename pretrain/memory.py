@@ -76,53 +76,63 @@ def layer_activation_bytes(cfg, mixer: str, seq_len: int, tp: int = 1, act_bytes
 
     backend: "triton" (the GPU kernels) or "torch" (the CPU references, what the tests measure).
     """
+    from pretrain.registry import mixer_spec  # the registry imports this module for its formulas
+
     a, d = act_bytes, cfg.d_model
     f = _swiglu_hidden(cfg) / tp
     # norm1 + norm2 (fp32 x and x/rms), the MLP's input, gate/silu/up/product, the mixer's input
     saved = 2 * 8 * d + a * d + 4 * a * f + a * d
-    transient = 0.0
-    if mixer in ("paragru", "paralstm"):
-        rnn = getattr(cfg, mixer)
-        D = int(rnn.expand * d) / tp
-        s = 2 if mixer == "paralstm" else 1              # state numbers per channel: h or (c, h)
-        u_bytes = a if backend == "triton" else 4        # the reference solves on an fp32 copy of u
-        saved += u_bytes * 3 * D + 4 * s * D             # pre-activations u, fp32 states
-        if a != 4:
-            saved += a * D                               # h in the model dtype for out_proj
-        # Newton: h_prev, r, d, the gates and J (s x s per channel); backward: J, lambda, grad u
-        transient = 4 * D * (s * 4 + s * s + 3) + a * 3 * D
-    elif mixer == "deltaproduct":
-        c = cfg.deltaproduct
-        H, dk, nh = c.num_heads / tp, c.head_dim, c.num_householder
-        dv = int(dk * c.expand_v)
-        cq, ck, cv = H * dk, nh * H * dk, nh * H * dv
-        if c.use_short_conv:                             # each tap's shifted, masked input
-            saved += a * 2 * (c.conv_size - 1) * (cq + ck + cv)
-        saved += (4 + a) * (cq + ck) + a * cv             # L2-normalised q, k (fp32 in, a out), v
-        saved += 4 * 4 * nh * H                          # beta, g and their gates (fp32, small)
-        saved += 8 * H * dv + 3 * a * H * dv + a * H * dv  # o_norm, the output gate, out_proj input
-        C = c.chunk_size
-        chunk_heads_per_token = H * nh / C
-        if backend == "torch":
-            # autograd of deltaproduct_chunkwise keeps, per chunk and head (fp32), about 7 C x C
-            # matrices (decay, masks, A, (I+A)^-1, QK^T...), 13 C x d (k, v, U, Wk, rhs, q...) and
-            # 3 dk x dv (M, the chunk start states)
-            saved += 4 * chunk_heads_per_token * (7 * C * C + 13 * C * (dk + dv) / 2 + 3 * dk * dv)
-            # backward: recomputed Wk, W, chunk start states, dS, dW, and fp32 dq, dk, dv
-            transient = 4 * H * (nh * (dk + 2 * dv) + 2 * (nh / C) * dk * dv + dk + nh * (dk + dv))
-        else:
-            s, t = deltaproduct_triton_bytes(H, dk, dv, nh, min(C, 32) if a == 4 else C, a)
-            saved += s
-            transient = t
-    elif mixer == "attention":
-        hd = d / tp
-        saved += a * (3 * hd + hd + hd) + 4 * cfg.attention.num_heads / tp  # q,k,v, out, out_proj in, lse
-        if backend == "torch":
-            saved += a * 3 * hd + (4 * seq_len if cfg.attention.doc_mask else 0)  # SDPA's math path, mask
-        transient = a * 3 * hd
-    else:
-        raise ValueError(f"unknown mixer {mixer!r}")
+    spec = mixer_spec(mixer)
+    mixer_saved, transient = spec.activation_bytes(cfg, spec.section_of(cfg), seq_len, tp, a, backend)
+    return saved + mixer_saved, transient
+
+
+def pararnn_activation_bytes(cfg, c, seq_len: int, tp: int, a: int, backend: str, *, cell: str):
+    """(saved, transient) bytes per token of a ParaRNN mixer (cell "paragru" or "paralstm")."""
+    D = int(c.expand * cfg.d_model) / tp
+    s = 2 if cell == "paralstm" else 1               # state numbers per channel: h or (c, h)
+    u_bytes = a if backend == "triton" else 4        # the reference solves on an fp32 copy of u
+    saved = u_bytes * 3 * D + 4 * s * D              # pre-activations u, fp32 states
+    if a != 4:
+        saved += a * D                               # h in the model dtype for out_proj
+    # Newton: h_prev, r, d, the gates and J (s x s per channel); backward: J, lambda, grad u
+    transient = 4 * D * (s * 4 + s * s + 3) + a * 3 * D
     return saved, transient
+
+
+def deltaproduct_activation_bytes(cfg, c, seq_len: int, tp: int, a: int, backend: str):
+    """(saved, transient) bytes per token of a DeltaProduct mixer (section c)."""
+    H, dk, nh = c.num_heads / tp, c.head_dim, c.num_householder
+    dv = int(dk * c.expand_v)
+    cq, ck, cv = H * dk, nh * H * dk, nh * H * dv
+    saved = 0.0
+    if c.use_short_conv:                             # each tap's shifted, masked input
+        saved += a * 2 * (c.conv_size - 1) * (cq + ck + cv)
+    saved += (4 + a) * (cq + ck) + a * cv             # L2-normalised q, k (fp32 in, a out), v
+    saved += 4 * 4 * nh * H                          # beta, g and their gates (fp32, small)
+    saved += 8 * H * dv + 3 * a * H * dv + a * H * dv  # o_norm, the output gate, out_proj input
+    C = c.chunk_size
+    chunk_heads_per_token = H * nh / C
+    if backend == "torch":
+        # autograd of deltaproduct_chunkwise keeps, per chunk and head (fp32), about 7 C x C
+        # matrices (decay, masks, A, (I+A)^-1, QK^T...), 13 C x d (k, v, U, Wk, rhs, q...) and
+        # 3 dk x dv (M, the chunk start states)
+        saved += 4 * chunk_heads_per_token * (7 * C * C + 13 * C * (dk + dv) / 2 + 3 * dk * dv)
+        # backward: recomputed Wk, W, chunk start states, dS, dW, and fp32 dq, dk, dv
+        transient = 4 * H * (nh * (dk + 2 * dv) + 2 * (nh / C) * dk * dv + dk + nh * (dk + dv))
+    else:
+        s, transient = deltaproduct_triton_bytes(H, dk, dv, nh, min(C, 32) if a == 4 else C, a)
+        saved += s
+    return saved, transient
+
+
+def attention_activation_bytes(cfg, c, seq_len: int, tp: int, a: int, backend: str):
+    """(saved, transient) bytes per token of an attention mixer."""
+    hd = cfg.d_model / tp
+    saved = a * (3 * hd + hd + hd) + 4 * c.num_heads / tp  # q,k,v, out, out_proj in, lse
+    if backend == "torch":
+        saved += a * 3 * hd + (4 * seq_len if c.doc_mask else 0)  # SDPA's math path, mask
+    return saved, a * 3 * hd
 
 
 def deltaproduct_triton_bytes(H: float, dk: int, dv: int, nh: int, C: int, a: int) -> tuple[float, float]:

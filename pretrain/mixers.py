@@ -1,8 +1,15 @@
-"""The sequence mixers a block can use: paragru, paralstm, deltaproduct, attention.
+"""The sequence mixers a block can use, each beside the dataclass of its config section.
 
-Each maps x [B, T, d_model] (and optional doc_start [B, T] bool) to [B, T, d_model]. The
-recurrences themselves live in kernels/ (torch reference on CPU, Triton on CUDA); these modules
-own the projections around them.
+Each maps x [B, T, d_model] (and optional doc_start [B, T] bool) to [B, T, d_model] and is built
+as Mixer(cfg, c, layer_idx) with cfg the ModelConfig and c its section (model.<section>). Which
+names exist, and what each brings (section, FLOPs, memory, parallel plans), is
+pretrain/registry.py. The recurrences themselves live in kernels/ (torch reference on CPU,
+Triton on CUDA); these modules own the projections around them.
+
+One seam per mixer: `self.sequence_op`, the op over the sequence (the recurrence, attention's
+core, a short conv's sum). It is an attribute, not a method, so that parallel plans
+(pretrain/parallelize.py) swap it for one that crosses sequence-parallel ranks, and a user can
+swap in another kernel, without touching this file.
 
 For decoding, each mixer also has
     prefill(x, doc_start=None) -> (y, state)   forward, plus the state after the last token
@@ -17,6 +24,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -75,6 +84,21 @@ def state_dtype(module: nn.Module) -> torch.dtype:
     return torch.float64 if next(module.parameters()).dtype == torch.float64 else torch.float32
 
 
+def short_conv(x, weight, doc_start=None):
+    """silu(causal depthwise conv1d) of x [B, T, C] with weight [C, K], restarting at document
+    starts: K shifted multiply-adds (ShortConv's docstring)."""
+    T, K = x.shape[1], weight.shape[1]
+    y = x * weight[:, K - 1]
+    doc = document_ids(doc_start) if doc_start is not None else None
+    for s in range(1, min(K, T + 1)):
+        shifted = F.pad(x, (0, 0, s, 0))[:, :T]
+        if doc is not None:
+            same = F.pad(doc, (s, 0), value=-1)[:, :T] == doc
+            shifted = shifted * same.unsqueeze(-1).to(x.dtype)
+        y = y + shifted * weight[:, K - 1 - s]
+    return F.silu(y)
+
+
 class ShortConv(nn.Module):
     """Causal depthwise conv1d over time followed by SiLU, restarting at document starts.
 
@@ -86,6 +110,7 @@ class ShortConv(nn.Module):
         super().__init__()
         self.kernel_size = kernel_size
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))
+        self.sequence_op = short_conv  # the seam: sequence parallelism prepends a halo
         self.reset_mixer_parameters()
 
     def reset_mixer_parameters(self):
@@ -93,17 +118,7 @@ class ShortConv(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x, doc_start=None):
-        T = x.shape[1]
-        K = self.kernel_size
-        y = x * self.weight[:, K - 1]
-        doc = document_ids(doc_start) if doc_start is not None else None
-        for s in range(1, min(K, T + 1)):
-            shifted = F.pad(x, (0, 0, s, 0))[:, :T]
-            if doc is not None:
-                same = F.pad(doc, (s, 0), value=-1)[:, :T] == doc
-                shifted = shifted * same.unsqueeze(-1).to(x.dtype)
-            y = y + shifted * self.weight[:, K - 1 - s]
-        return F.silu(y)
+        return self.sequence_op(x, self.weight, doc_start)
 
     def window(self, x, doc_start=None):
         """The state step() continues from after x [B, T, C]: its last K-1 inputs [B, K-1, C],
@@ -151,6 +166,19 @@ class HeadwiseLinear(nn.Module):
 
 
 @dataclass
+class ParaRNNConfig:
+    expand: float = 1.0           # hidden channels = expand * d_model
+    num_heads: int = 4            # the input projection B is block-diagonal over heads
+    num_iters: int = 3            # Newton iterations (the paper converges in 3-4)
+    tol: Optional[float] = 1e-3   # residual above which more iterations run, then a warning
+    max_iters: int = 6            # cap on iterations when the residual is above tol
+    # Newton trust region: every step is clamped elementwise to [-damping, damping]. 2.0 is the
+    # width of the box the states live in (|h|, |c| <= 1), so it never cuts a step that stays
+    # inside it, and it stops the huge steps that make strongly nonlinear cells diverge; null: off.
+    damping: Optional[float] = 2.0
+
+
+@dataclass
 class ParaGRUState:
     h: torch.Tensor  # [B, D] fp32 (fp64 in an fp64 model)
 
@@ -168,21 +196,22 @@ class ParaRNNMixer(nn.Module):
     """
 
     cell = ""
+    solver = None  # the kernels/ op that solves the cell over the sequence
     # Parameters that are not weight matrices: the diagonal recurrent weights (and ParaLSTM's
     # peepholes) act per channel like gains; weight decay would pull the recurrence toward zero.
     no_weight_decay = ("recurrent", "peephole")
 
-    def __init__(self, cfg, layer_idx: int):
+    def __init__(self, cfg, c: ParaRNNConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.rnn_cfg = getattr(cfg, self.cell)
+        self.rnn_cfg = c
         hidden = int(self.rnn_cfg.expand * cfg.d_model)
         self.hidden = hidden
         self.in_proj = HeadwiseLinear(cfg.d_model, hidden, self.rnn_cfg.num_heads, num_gates=3)
         self.recurrent = nn.Parameter(torch.empty(3, hidden))  # diagonal recurrent weights a_*
         self.out_proj = nn.Linear(hidden, cfg.d_model, bias=False)
         self.last_residual = None
-        self.solver_extra = {}  # e.g. a sequence-parallel linear_solve and boundary (parallel/)
+        self.sequence_op = self.solver  # the seam: paragru / paralstm, or one across sp ranks
         self.kernel_backend = "auto"  # auto | torch | triton (train.kernel_backend)
         self.reset_mixer_parameters()
 
@@ -192,22 +221,22 @@ class ParaRNNMixer(nn.Module):
 
     def solver_kwargs(self):
         c = self.rnn_cfg
-        return dict(num_iters=c.num_iters, tol=c.tol, max_iters=c.max_iters, damping=c.damping, backend=self.kernel_backend,
-                    **self.solver_extra)
+        return dict(num_iters=c.num_iters, tol=c.tol, max_iters=c.max_iters, damping=c.damping, backend=self.kernel_backend)
 
 
 class ParaGRUMixer(ParaRNNMixer):
     cell = "paragru"
+    solver = staticmethod(paragru)
 
     def forward(self, x, doc_start=None):
         u = self.in_proj(x)  # [B, T, 3, D] in gate order (z, r, h)
-        h, _, residual = paragru(u, self.recurrent, reset=doc_start, **self.solver_kwargs())
+        h, _, residual = self.sequence_op(u, self.recurrent, reset=doc_start, **self.solver_kwargs())
         self.last_residual = residual
         return self.out_proj(h)
 
     def prefill(self, x, doc_start=None):
         u = self.in_proj(x)
-        h, last, residual = paragru(u, self.recurrent, reset=doc_start, **self.solver_kwargs())
+        h, last, residual = self.sequence_op(u, self.recurrent, reset=doc_start, **self.solver_kwargs())
         self.last_residual = residual
         return self.out_proj(h), ParaGRUState(last.clone())
 
@@ -223,21 +252,22 @@ class ParaGRUMixer(ParaRNNMixer):
 
 class ParaLSTMMixer(ParaRNNMixer):
     cell = "paralstm"
+    solver = staticmethod(paralstm)
 
-    def __init__(self, cfg, layer_idx: int):
-        super().__init__(cfg, layer_idx)
+    def __init__(self, cfg, c: ParaRNNConfig, layer_idx: int):
+        super().__init__(cfg, c, layer_idx)
         self.peephole = nn.Parameter(torch.empty(2, self.hidden))  # p_f, p_o
         nn.init.uniform_(self.peephole, -0.1, 0.1)
 
     def forward(self, x, doc_start=None):
         u = self.in_proj(x)  # [B, T, 3, D] in gate order (f, c, o)
-        h, _, residual = paralstm(u, self.recurrent, self.peephole, reset=doc_start, **self.solver_kwargs())
+        h, _, residual = self.sequence_op(u, self.recurrent, self.peephole, reset=doc_start, **self.solver_kwargs())
         self.last_residual = residual
         return self.out_proj(h)
 
     def prefill(self, x, doc_start=None):
         u = self.in_proj(x)
-        h, last, residual = paralstm(u, self.recurrent, self.peephole, reset=doc_start, **self.solver_kwargs())
+        h, last, residual = self.sequence_op(u, self.recurrent, self.peephole, reset=doc_start, **self.solver_kwargs())
         self.last_residual = residual
         return self.out_proj(h), ParaLSTMState(last[..., 0].clone(), last[..., 1].clone())
 
@@ -251,6 +281,19 @@ class ParaLSTMMixer(ParaRNNMixer):
     def empty_state(self, batch_size):
         zeros = self.recurrent.new_zeros(batch_size, self.recurrent.shape[1], dtype=state_dtype(self))
         return ParaLSTMState(zeros, zeros.clone())
+
+
+@dataclass
+class DeltaProductConfig:
+    num_heads: int = 4            # heads per layer (split over tensor-parallel ranks)
+    head_dim: int = 64            # dk: key/query size per head (the Triton kernels take 16-256)
+    expand_v: float = 1.0         # dv = expand_v * head_dim
+    num_householder: int = 2      # n_h Householder factors per token
+    allow_neg_eigval: bool = True  # beta = 2*sigmoid (state tracking) instead of sigmoid
+    use_forget_gate: bool = True  # the gate g = -exp(A_log) * softplus(a(x) + dt_bias) decays the state
+    use_short_conv: bool = True   # causal depthwise conv (SiLU) on q, k, v
+    conv_size: int = 4            # the short conv's kernel size
+    chunk_size: int = 64          # sub-steps per chunk of the chunkwise form (Triton: 16, 32 or 64)
 
 
 @dataclass
@@ -269,9 +312,8 @@ class DeltaProductMixer(nn.Module):
     # The forget gate's per-head decay rate and time-step bias (as Mamba / fla exclude them).
     no_weight_decay = ("A_log", "dt_bias")
 
-    def __init__(self, cfg, layer_idx: int):
+    def __init__(self, cfg, c: DeltaProductConfig, layer_idx: int):
         super().__init__()
-        c = cfg.deltaproduct
         self.c = c
         self.H, self.dk, self.nh = c.num_heads, c.head_dim, c.num_householder
         self.dv = int(c.head_dim * c.expand_v)
@@ -291,7 +333,7 @@ class DeltaProductMixer(nn.Module):
         self.g_proj = nn.Linear(d, H * dv, bias=False)  # output gate of the gated RMSNorm
         self.o_norm = RMSNorm(dv, cfg.norm_eps)
         self.out_proj = nn.Linear(H * dv, d, bias=False)
-        self.recurrence = deltaproduct  # swapped for a sequence-parallel one by parallel plans
+        self.sequence_op = deltaproduct  # the seam: the chunkwise recurrence, or one across sp ranks
         self.kernel_backend = "auto"  # auto | torch | triton (train.kernel_backend)
         self.reset_mixer_parameters()
 
@@ -308,7 +350,7 @@ class DeltaProductMixer(nn.Module):
             q, k, v = self.q_conv(q, doc_start), self.k_conv(k, doc_start), self.v_conv(v, doc_start)
         else:  # fla's layer: SiLU on the projections when there is no conv to apply it
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
-        o, _ = self.recurrence(*self._recurrence_inputs(x, q, k, v), reset=doc_start,
+        o, _ = self.sequence_op(*self._recurrence_inputs(x, q, k, v), reset=doc_start,
                                chunk_size=self.c.chunk_size, backend=self.kernel_backend)
         return self._output(x, o)
 
@@ -321,7 +363,7 @@ class DeltaProductMixer(nn.Module):
             q, k, v = self.q_conv(q, doc_start), self.k_conv(k, doc_start), self.v_conv(v, doc_start)
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
-        o, S = self.recurrence(*self._recurrence_inputs(x, q, k, v), reset=doc_start,
+        o, S = self.sequence_op(*self._recurrence_inputs(x, q, k, v), reset=doc_start,
                                chunk_size=self.c.chunk_size, backend=self.kernel_backend)
         return self._output(x, o), DeltaProductState(S, windows)
 
@@ -385,6 +427,13 @@ def rotary(x: torch.Tensor, theta: float, start: int = 0) -> torch.Tensor:
 
 
 @dataclass
+class AttentionConfig:
+    num_heads: int = 4            # heads per layer (split over tensor-parallel ranks)
+    rope_theta: float = 10000.0   # rotary embedding base
+    doc_mask: bool = True         # tokens attend only within their own document
+
+
+@dataclass
 class KVCache:
     k: torch.Tensor  # [B, T, H, hd]: keys after rotary, at positions 0..T-1
     v: torch.Tensor  # [B, T, H, hd]
@@ -397,25 +446,27 @@ class AttentionMixer(nn.Module):
     Decoding appends the token's key and value to the cache and attends over it (SDPA).
     """
 
-    def __init__(self, cfg, layer_idx: int):
+    def __init__(self, cfg, c: AttentionConfig, layer_idx: int):
         super().__init__()
-        self.c = cfg.attention
+        self.c = c
         self.H = self.c.num_heads
         self.hd = cfg.d_model // self.H
         self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        # the seam: causal attention over the whole sequence, or Ulysses across sp ranks
+        self.sequence_op = partial(causal_attention, rope_theta=c.rope_theta)
 
     def forward(self, x, doc_start=None):
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).view(B, T, 3, -1, self.hd).unbind(2)
-        o = self.attend(q, k, v, doc_start if self.c.doc_mask else None)
+        o = self.sequence_op(q, k, v, doc_start if self.c.doc_mask else None)
         return self.out_proj(o.reshape(B, T, -1))
 
     def prefill(self, x, doc_start=None):
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).view(B, T, 3, -1, self.hd).unbind(2)
         doc_start = doc_start if self.c.doc_mask else None
-        o = self.attend(q, k, v, doc_start)
+        o = self.sequence_op(q, k, v, doc_start)
         visible = None if doc_start is None else in_last_document(doc_start)
         cache = KVCache(rotary(k, self.c.rope_theta), v.contiguous(), visible)
         return self.out_proj(o.reshape(B, T, -1)), cache
@@ -441,38 +492,32 @@ class AttentionMixer(nn.Module):
         empty = p.new_zeros(batch_size, 0, self.H, self.hd)
         return KVCache(empty, empty.clone(), None)
 
-    def attend(self, q, k, v, doc_start=None):
-        """Rotary embedding + causal attention on q, k, v [B, T, h, hd] (positions 0..T-1)."""
-        T = q.shape[1]
-        q, k = rotary(q, self.c.rope_theta), rotary(k, self.c.rope_theta)
-        if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-            return self._flash(q, k, v, doc_start)
-        mask = None
-        if doc_start is not None:
-            doc = document_ids(doc_start)
-            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-            mask = (causal & (doc[:, :, None] == doc[:, None, :])).unsqueeze(1)
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              attn_mask=mask, is_causal=mask is None).transpose(1, 2)
 
-    @staticmethod
-    def _flash(q, k, v, doc_start):
-        if doc_start is None:
-            return flash_attn_func(q, k, v, causal=True)
-        B, T, H, hd = q.shape
-        starts = doc_start.clone()
-        starts[:, 0] = True  # every row starts a segment
-        offsets = torch.nonzero(starts.flatten()).flatten()
-        cu = torch.cat([offsets, offsets.new_tensor([B * T])]).to(torch.int32)
-        max_len = int((cu[1:] - cu[:-1]).max())
-        o = flash_attn_varlen_func(q.reshape(B * T, H, hd), k.reshape(B * T, H, hd), v.reshape(B * T, H, hd),
-                                   cu, cu, max_len, max_len, causal=True)
-        return o.view(B, T, H, hd)
+def causal_attention(q, k, v, doc_start=None, rope_theta: float = 10000.0):
+    """Rotary embedding + causal attention on q, k, v [B, T, h, hd] (positions 0..T-1), within
+    documents when doc_start [B, T] is given: flash-attn on CUDA when installed, else SDPA."""
+    T = q.shape[1]
+    q, k = rotary(q, rope_theta), rotary(k, rope_theta)
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        return _flash_attention(q, k, v, doc_start)
+    mask = None
+    if doc_start is not None:
+        doc = document_ids(doc_start)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        mask = (causal & (doc[:, :, None] == doc[:, None, :])).unsqueeze(1)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_mask=mask, is_causal=mask is None).transpose(1, 2)
 
 
-MIXER_CLASSES = {
-    "paragru": ParaGRUMixer,
-    "paralstm": ParaLSTMMixer,
-    "deltaproduct": DeltaProductMixer,
-    "attention": AttentionMixer,
-}
+def _flash_attention(q, k, v, doc_start):
+    if doc_start is None:
+        return flash_attn_func(q, k, v, causal=True)
+    B, T, H, hd = q.shape
+    starts = doc_start.clone()
+    starts[:, 0] = True  # every row starts a segment
+    offsets = torch.nonzero(starts.flatten()).flatten()
+    cu = torch.cat([offsets, offsets.new_tensor([B * T])]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    o = flash_attn_varlen_func(q.reshape(B * T, H, hd), k.reshape(B * T, H, hd), v.reshape(B * T, H, hd),
+                               cu, cu, max_len, max_len, causal=True)
+    return o.view(B, T, H, hd)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
 from pretrain.flops import model_flops_per_token
-from pretrain.mixers import MIXER_CLASSES, RMSNorm, fp32_at_least
+from pretrain.mixers import RMSNorm, fp32_at_least
+from pretrain.registry import build_mixer
 
 
 def next_token_loss(logits, labels):
@@ -47,7 +48,7 @@ class Block(nn.Module):
         super().__init__()
         self.mixer_name = mixer
         self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = MIXER_CLASSES[mixer](cfg, layer_idx)
+        self.mixer = build_mixer(cfg, mixer, layer_idx)
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         hidden = cfg.mlp_multiple * math.ceil(cfg.mlp_ratio * cfg.d_model / cfg.mlp_multiple)
         self.mlp = SwiGLU(cfg.d_model, hidden)

@@ -119,7 +119,7 @@ def test_the_modeling_code_is_copied_from_our_source():
             imported |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add("." * node.level + (node.module or "").split(".")[0])
-    assert imported == {"__future__", "math", "dataclasses", "typing", "torch", "transformers", ".configuration_recurrent_lm"}
+    assert imported == {"__future__", "math", "dataclasses", "functools", "typing", "torch", "transformers", ".configuration_recurrent_lm"}
 
 
 def test_the_hf_directory_is_readable_by_the_group(cli_trained, tmp_path):

@@ -21,7 +21,7 @@ from kernels.pararnn import ParaGRUCell, ParaLSTMCell
 from pretrain.flops import (PARARNN_CELL_OPS, attention_score_flops, deltaproduct_chunk_macs,
                             deltaproduct_recurrence_flops, mixer_flops, model_flops_per_token,
                             pararnn_solver_flops)
-from pretrain.mixers import MIXER_CLASSES
+from pretrain.registry import build_mixer
 from pretrain.model import LanguageModel, SwiGLU
 
 
@@ -62,7 +62,7 @@ def test_projection_mixers_count_exactly(mixer):
     """ParaRNN's solver has no matmuls and CPU SDPA is uncounted: the count is the projections."""
     cfg = tiny_cfg()
     torch.manual_seed(0)
-    layer = MIXER_CLASSES[mixer](cfg, 0)
+    layer = build_mixer(cfg, mixer, 0)
     x = torch.randn(B, T, cfg.d_model, requires_grad=True)
     proj_fwd, proj_bwd = mixer_flops(cfg, mixer, T)["proj"]
     assert counted_flops(lambda: layer(x)) == pytest.approx(proj_fwd * B * T, rel=1e-12)

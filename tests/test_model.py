@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from pretrain.config import load_config
-from pretrain.mixers import MIXER_CLASSES, ShortConv
+from pretrain.mixers import ShortConv
 from pretrain.model import LanguageModel
+from pretrain.registry import build_mixer
 
-MIXERS = list(MIXER_CLASSES)
+MIXERS = ["paragru", "paralstm", "deltaproduct", "attention"]
 
 
 def tiny_cfg(mixers, **extra):
@@ -182,7 +183,7 @@ def test_deltaproduct_without_short_conv_applies_silu_to_q_k_v_as_fla():
                              "model.deltaproduct.num_heads=2", "model.deltaproduct.head_dim=16",
                              "model.deltaproduct.use_short_conv=false"]).model
     torch.manual_seed(0)
-    mixer = MIXER_CLASSES["deltaproduct"](cfg, 0)
+    mixer = build_mixer(cfg, "deltaproduct", 0)
     seen = {}
     original = mixer._recurrence_inputs
 

@@ -16,7 +16,7 @@ from kernels.deltaproduct import deltaproduct
 from kernels.pararnn import paragru, paralstm
 from kernels.scan import linear_scan
 from parallel.mappings import group_rank, group_size
-from parallel.sequence_parallel import (halo_conv_forward, make_sp_linear_solve, sequence_piece,
+from parallel.sequence_parallel import (conv_with_halo, make_sp_linear_solve, sequence_piece,
                                         sp_conv_halo, sp_deltaproduct, sp_pararnn_kwargs,
                                         ulysses_attention)
 from parallel.spawn import run_gloo
@@ -182,9 +182,9 @@ def check_short_conv(group, out, tag):
         (y * w).sum().backward()
         grad_w_ref = conv.weight.grad.clone()
         conv.zero_grad()
-        sp_conv = halo_conv_forward(conv, group)  # what apply_sequence_parallel installs
+        sp_conv = conv_with_halo(conv.sequence_op, K - 1, group)  # what the sp plan installs (plans.conv_over_sp)
         x_sp = sequence_piece(x, group).clone().requires_grad_(True)
-        y_sp = sp_conv(x_sp, None if doc is None else sequence_piece(doc, group))
+        y_sp = sp_conv(x_sp, conv.weight, None if doc is None else sequence_piece(doc, group))
         (y_sp * sequence_piece(w, group)).sum().backward()
         name = f"{tag}/short_conv/{'docs' if use_ds else 'nodocs'}"
         out[name + "/y"] = err(y_sp, sequence_piece(y, group))

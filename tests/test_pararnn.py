@@ -291,10 +291,10 @@ def test_the_default_damping_makes_a_strongly_nonlinear_gru_converge():
 
 def test_damping_is_a_config_key_the_mixer_passes_to_the_solver():
     from pretrain.config import ConfigError, load_config
-    from pretrain.mixers import MIXER_CLASSES
+    from pretrain.registry import build_mixer
 
     cfg = load_config(None, ["model.paragru.damping=0.5", "model.paralstm.damping=null"]).model
-    assert MIXER_CLASSES["paragru"](cfg, 0).solver_kwargs()["damping"] == 0.5
-    assert MIXER_CLASSES["paralstm"](cfg, 0).solver_kwargs()["damping"] is None
+    assert build_mixer(cfg, "paragru", 0).solver_kwargs()["damping"] == 0.5
+    assert build_mixer(cfg, "paralstm", 0).solver_kwargs()["damping"] is None
     with pytest.raises(ConfigError, match="damping"):
         load_config(None, ["model.paragru.damping=0"])
