@@ -140,19 +140,20 @@ def _heads_divisible(attr: str, by_sp: bool = False):
     return check
 
 
-PARARNN_TP = {"in_proj": Headwise(), "recurrent": Shard(dim=1), "peephole": Shard(dim=1), "out_proj": Row()}
+PARAGRU_TP = {"in_proj": Headwise(), "recurrent": Shard(dim=1), "out_proj": Row()}  # over channels
+PARALSTM_TP = {**PARAGRU_TP, "peephole": Shard(dim=1)}
 PARARNN_SP = {"": pararnn_over_sp}
 
 register(MixerSpec(
     name="paragru", module=ParaGRUMixer, config=ParaRNNConfig, ranges=_pararnn_ranges, validate=_pararnn_validate,
     check_parallel=_heads_divisible("num_heads"), flops=partial(flops.pararnn_mixer_flops, cell="paragru"),
     activation_bytes=partial(memory.pararnn_activation_bytes, cell="paragru"),
-    tp_plan=PARARNN_TP, sp_plan=PARARNN_SP, kernel="pararnn"))
+    tp_plan=PARAGRU_TP, sp_plan=PARARNN_SP, kernel="pararnn"))
 register(MixerSpec(
     name="paralstm", module=ParaLSTMMixer, config=ParaRNNConfig, ranges=_pararnn_ranges, validate=_pararnn_validate,
     check_parallel=_heads_divisible("num_heads"), flops=partial(flops.pararnn_mixer_flops, cell="paralstm"),
     activation_bytes=partial(memory.pararnn_activation_bytes, cell="paralstm"),
-    tp_plan=PARARNN_TP, sp_plan=PARARNN_SP, kernel="pararnn"))
+    tp_plan=PARALSTM_TP, sp_plan=PARARNN_SP, kernel="pararnn"))
 
 
 # ----------------------------------------------------------------------------- DeltaProduct
@@ -215,3 +216,4 @@ register(MixerSpec(
 def replace(spec: MixerSpec, **changes) -> MixerSpec:
     """A new entry that is `spec` with some fields changed (an alias)."""
     return dataclasses.replace(spec, **changes)
+
