@@ -217,3 +217,18 @@ def replace(spec: MixerSpec, **changes) -> MixerSpec:
     """A new entry that is `spec` with some fields changed (an alias)."""
     return dataclasses.replace(spec, **changes)
 
+
+# ----------------------------------------------------------------------------- gated DeltaNet (an alias)
+
+def _one_householder(m, c: DeltaProductConfig, key: str) -> str | None:
+    if c.num_householder != 1:
+        return (f"{key}.num_householder={c.num_householder}: gated DeltaNet has one Householder factor per token; "
+                f"use the mixer 'deltaproduct' for more")
+    return None
+
+
+# Gated DeltaNet (Yang et al., 2024) is gated DeltaProduct with n_h = 1, and beta = sigmoid (eigenvalues
+# of I - beta k k^T in [0, 1]) as in its paper and fla's GatedDeltaNet: the same module, kernels,
+# formulas and plans under its own section, model.gated_deltanet.
+register(replace(MIXERS["deltaproduct"], name="gated_deltanet", section="gated_deltanet",
+                 section_defaults={"num_householder": 1, "allow_neg_eigval": False}, validate=_one_householder))
