@@ -13,7 +13,7 @@ from pretrain.parallelize import (apply_sequence_parallel, apply_tensor_parallel
                                   validate_parallel)
 
 MIXERS = {"paragru": ["paragru"], "paralstm": ["paralstm"], "deltaproduct": ["deltaproduct"],
-          "attention": ["attention"], "hybrid": ["paragru", "deltaproduct", "attention", "paralstm"]}
+          "attention": ["attention"], "hybrid": ["paragru", "deltaproduct", "attention", "paralstm", "gated_deltanet"]}
 B, T = 4, 16
 TOL = 1e-9
 
@@ -22,7 +22,8 @@ def make_cfg(mixers, **extra):
     overrides = ["model.vocab_size=64", "model.d_model=32", f"model.n_layers={len(mixers)}",
                  "model.mixers=[" + ",".join(mixers) + "]", "model.paragru.num_heads=2",
                  "model.paralstm.num_heads=2", "model.deltaproduct.num_heads=2", "model.deltaproduct.head_dim=8",
-                 "model.deltaproduct.chunk_size=8", "model.attention.num_heads=4", "model.paragru.tol=null",
+                 "model.deltaproduct.chunk_size=8", "model.attention.num_heads=4",
+                 "model.gated_deltanet.num_heads=2", "model.gated_deltanet.head_dim=8", "model.gated_deltanet.chunk_size=8", "model.paragru.tol=null",
                  "model.paralstm.tol=null", "model.paragru.num_iters=10", "model.paralstm.num_iters=10",
                  f"data.seq_len={T}"]
     return load_config(None, overrides + [f"{k}={v}" for k, v in extra.items()])
