@@ -413,6 +413,17 @@ def read_trainer_state(ckpt: str | Path) -> dict:
     return state
 
 
+def restore(engine, ckpt: str | Path, dims) -> tuple[dict, dict]:
+    """Collective: the training state of `ckpt` into `engine`, whatever topology wrote it (resharded
+    by pretrain/reshard.py when its dp/sp/tp differ from `dims`, or it is a converted one); returns
+    (trainer state, this rank's state). What train.py calls to resume."""
+    from pretrain import reshard  # reshard builds on this module
+
+    if reshard.needs_reshard(read_trainer_state(ckpt), dims):
+        return reshard.load_resharded(engine, ckpt, dims)
+    return load_checkpoint(engine, ckpt)
+
+
 def load_checkpoint(engine, ckpt: str | Path) -> tuple[dict, dict]:
     """Collective: restores model, optimizer and schedule into `engine`; returns (trainer, rank) state."""
     ckpt = Path(ckpt)

@@ -205,12 +205,12 @@ def check_resume_compatible(cfg: Config, state: dict, tokenizer_checksum: str, d
                           f"({state.get('tokenizer_checksum', '?')[:12]} vs {tokenizer_checksum[:12]})")
     now = {"dp": dims.dp, "sp": dims.sp, "tp": dims.tp}
     was = state["config"]["parallel"].get("zero_stage")
-    if state.get("layout") != "full" and state.get("topology") == now and was != cfg.parallel.zero_stage \
-            and {was, cfg.parallel.zero_stage} - {1, 2}:  # loaded as written: 1 and 2 share a layout, 0 and 3 not
+    resharded = reshard.needs_reshard(state, dims)  # what checkpoint.restore will do
+    if not resharded and was != cfg.parallel.zero_stage and {was, cfg.parallel.zero_stage} - {1, 2}:  # loaded as written: 1 and 2 share a layout, 0 and 3 not
         raise ConfigError(f"cannot resume: the checkpoint was written with parallel.zero_stage={was}, this run has "
                           f"parallel.zero_stage={cfg.parallel.zero_stage}; resume with parallel.zero_stage={was}"
                           + (" (1 and 2 are interchangeable)" if was in (1, 2) else ""))
-    if state.get("layout") == "full" or state.get("topology") != now:  # resharded on load
+    if resharded:
         stages = {state["config"]["parallel"]["zero_stage"], cfg.parallel.zero_stage}
         if stages - {1, 2}:
             raise ConfigError(f"cannot resume: the checkpoint was written with {state.get('topology')}, this run has "
@@ -532,10 +532,7 @@ def build(cfg: Config, lock: RunDirLock) -> Run:
 
     step, tokens_seen, skipped = 0, 0, 0
     if resume_from is not None:
-        if reshard.needs_reshard(ckpt_lib.read_trainer_state(resume_from), dims):
-            trainer_state, rank_state = reshard.load_resharded(engine, resume_from, dims)
-        else:
-            trainer_state, rank_state = ckpt_lib.load_checkpoint(engine, resume_from)
+        trainer_state, rank_state = ckpt_lib.restore(engine, resume_from, dims)
         step, tokens_seen, skipped = trainer_state["step"], trainer_state["tokens"], trainer_state["skipped_steps"]
         try:
             loader = resume_loader(loader, rank_state["loader"], t.grad_accum)
