@@ -19,7 +19,7 @@ from test_model import tiny_cfg
 pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parents[1]
-HYBRID = ["paragru", "deltaproduct", "attention", "paralstm"]
+HYBRID = ["paragru", "deltaproduct", "attention", "paralstm", "gated_deltanet"]  # every registered mixer
 PROMPT = "def forward(self, x):"
 
 # Run in a fresh interpreter without this repository on the path, as a transformers user would.

@@ -15,6 +15,7 @@ def tiny_cfg(mixers, **extra):
                  "model.mixers=[" + ",".join(mixers) + "]", "model.paragru.num_heads=2",
                  "model.paralstm.num_heads=2", "model.deltaproduct.num_heads=2", "model.deltaproduct.head_dim=8",
                  "model.deltaproduct.chunk_size=8", "model.attention.num_heads=2",
+                 "model.gated_deltanet.num_heads=2", "model.gated_deltanet.head_dim=8", "model.gated_deltanet.chunk_size=8",
                  "model.paragru.tol=null", "model.paralstm.tol=null",
                  "model.paragru.num_iters=8", "model.paralstm.num_iters=8"]
     overrides += [f"{k}={v}" for k, v in extra.items()]
