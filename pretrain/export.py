@@ -84,8 +84,7 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         with deepspeed_io.zero_to_fp32_weights_only():
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     else:
-        tp = trainer_state.get("topology", {}).get("tp", 1)
-        specs = trainer_state.get("shard_specs", {})
+        tp, specs = trainer_state["topology"]["tp"], trainer_state["shard_specs"]
         per_tp = [deepspeed_io.load_checkpoint_file(ckpt / f"mp_rank_{t:02d}_model_states.pt")["module"] for t in range(tp)]
         state = {name: reshard.merge_shards([m[name] for m in per_tp], specs[name]) if name in specs and tp > 1
                  else v for name, v in per_tp[0].items()}
@@ -107,10 +106,6 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", for
     out_dir = check_replaceable(out_dir, is_ours, what)  # before any work
     ckpt = resolve_checkpoint(checkpoint)
     trainer_state = ckpt_lib.read_trainer_state(ckpt)
-    topology = trainer_state.get("topology", {})
-    if topology.get("tp", 1) > 1 and "shard_specs" not in trainer_state and trainer_state.get("layout") != "full":
-        raise ConfigError(f"{ckpt} (parallel.tp={topology['tp']}) does not record how its weights are sharded "
-                          f"(an older checkpoint); resume it for one step with this version to re-save it")
     with run_tokenizer(trainer_state) as tokenizer:
         return _write_export(ckpt, trainer_state, tokenizer, out_dir, dtype, format)
 

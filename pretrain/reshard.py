@@ -58,15 +58,11 @@ def full_state(ckpt: str | Path) -> dict:
     if (ckpt / FULL_STATE).is_file():
         return load_checkpoint_file(ckpt / FULL_STATE, mmap=True)
     trainer = read_trainer_state(ckpt)
-    topo = trainer.get("topology") or {"tp": 1}
-    stage = trainer.get("config", {}).get("parallel", {}).get("zero_stage", 1)
+    stage = trainer["config"]["parallel"]["zero_stage"]
     if stage not in (1, 2):
         raise ValueError(f"{ckpt} was written with parallel.zero_stage={stage}; only ZeRO stage 1 or 2 "
                          f"checkpoints can be converted to another topology")
-    tp = topo.get("tp", 1)
-    specs = trainer.get("shard_specs")
-    if tp > 1 and specs is None:
-        raise ValueError(f"{ckpt} (tp={tp}) does not record its shard_specs; it was written by an older version")
+    tp, specs = trainer["topology"]["tp"], trainer["shard_specs"]
     per_tp = [zero_partitions(ckpt, t) for t in range(tp)]
     step = per_tp[0].pop("__step__")
     for part in per_tp[1:]:
