@@ -87,6 +87,12 @@ def _resets(B, T):
     return reset
 
 
+def _any(*shape, dtype=torch.float32, grad=False):
+    """An input of one layer's size. Zeros: inside compile_only nothing runs, so the values never
+    matter, and drawing random numbers at 7B shapes took half of the check's time on a CPU."""
+    return torch.zeros(*shape, dtype=dtype, requires_grad=grad)
+
+
 def drive(mixer: str, s: dict, dtype: torch.dtype):
     """Forward + backward of one layer's recurrence through the dispatch code (compile_only)."""
     from kernels.deltaproduct import deltaproduct
@@ -97,30 +103,30 @@ def drive(mixer: str, s: dict, dtype: torch.dtype):
     reset = _resets(B, T)
     if s["kernel"] == "deltaproduct":
         H, dk, dv, nh = s["H"], s["dk"], s["dv"], s["nh"]
-        q = torch.randn(B, T, H, dk, dtype=dtype, requires_grad=True)
-        k = torch.randn(B, T, nh, H, dk, dtype=dtype, requires_grad=True)
-        v = torch.randn(B, T, nh, H, dv, dtype=dtype, requires_grad=True)
-        beta = torch.rand(B, T, nh, H, requires_grad=True)
-        g = -torch.rand(B, T, H, requires_grad=True)
+        q = _any(B, T, H, dk, dtype=dtype, grad=True)
+        k = _any(B, T, nh, H, dk, dtype=dtype, grad=True)
+        v = _any(B, T, nh, H, dv, dtype=dtype, grad=True)
+        beta = _any(B, T, nh, H, grad=True)
+        g = -_any(B, T, H, grad=True)
         o, final = deltaproduct(q, k, v, beta, g, reset=reset, chunk_size=s["C"], backend="triton")
         (o.float().sum() + final.sum()).backward()
         # The sequence-parallel path passes an initial state from earlier ranks.
-        s0 = torch.randn(B, H, dk, dv, requires_grad=True)
+        s0 = _any(B, H, dk, dv, grad=True)
         o, final = deltaproduct(q, k, v, beta, g, initial_state=s0, reset=reset, chunk_size=s["C"],
                                 backend="triton")
         (o.float().sum() + final.sum()).backward()
         return
     D = s["D"]
-    u = torch.randn(B, T, 3, D, dtype=dtype, requires_grad=True)
-    a = torch.randn(3, D, requires_grad=True)
+    u = _any(B, T, 3, D, dtype=dtype, grad=True)
+    a = _any(3, D, grad=True)
     solver = dict(num_iters=s["num_iters"], tol=s["tol"], max_iters=s["max_iters"], backend="triton")
     if s["kernel"] == "paragru":
         h, _, _ = paragru(u, a, reset=reset, **solver)
-        A, b = torch.rand(B, T, D), torch.randn(B, T, D)
+        A, b = _any(B, T, D), _any(B, T, D)
     else:
-        p = torch.randn(2, D, requires_grad=True)
+        p = _any(2, D, grad=True)
         h, _, _ = paralstm(u, a, p, reset=reset, **solver)
-        A, b = torch.rand(B, T, D, 2, 2), torch.randn(B, T, D, 2)
+        A, b = _any(B, T, D, 2, 2), _any(B, T, D, 2)
     h.float().sum().backward()
     # The reference Newton solver's scans (forward-only kernels, run without autograd: Newton
     # iterations and the adjoint), used under sequence parallelism, with their summaries.

@@ -62,7 +62,9 @@ def test_the_check_catches_a_kernel_that_does_not_fit():
 
 def test_compile_only_reports_a_real_kernel_over_the_limit(tmp_path):
     """End to end through Triton: a kernel whose [256,256] bf16 dot operands need 256 KiB of
-    shared memory cannot launch on sm_80 (163 KiB); compile_only must say so (clean process)."""
+    shared memory cannot launch on sm_80 (163 KiB); compile_only must say so (clean process).
+    16 warps: the same 256 KiB of shared memory, but the fp32 accumulator spread over 512 threads
+    instead of 128 (ptxas took 55 s on the spills of 4 warps, 3 s here)."""
     code = r'''
 import torch, triton, triton.language as tl
 from kernels.offline_compile import compile_only, TARGETS
@@ -76,7 +78,7 @@ def big(a_ptr, b_ptr, c_ptr, N: tl.constexpr):
 
 a = torch.zeros(256, 256, dtype=torch.bfloat16)
 with compile_only("sm_80") as launches:
-    big[(3,)](a, a, a.float(), N=256)
+    big[(3,)](a, a, a.float(), N=256, num_warps=16)
 l = launches[0]
 print(l.kernel, l.programs, l.shared, l.registers, l.spill_bytes)
 print("PROBLEMS", l.problems(TARGETS["sm_80"]))
