@@ -110,12 +110,9 @@ def test_rng_state_round_trips():
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_with_the_requeue_code(tmp_path):
-    data = tmp_path / "data"
+def test_sigterm_saves_a_checkpoint_and_exits_with_the_requeue_code(cli_data, tmp_path):
+    data = cli_data  # the session's corpus, prepared with the same arguments this test used
     env = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "launch.prepare_data", "--out", str(data), "--vocab-size", "512",
-                    "--max-bytes", "200000", "--shard-tokens", "16384", "--no-progress"],
-                   cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "launch.train", "model.vocab_size=512", "model.d_model=32",
                              "model.mixers=[attention]", "model.n_layers=1", "model.attention.num_heads=2",
